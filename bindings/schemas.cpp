@@ -1,0 +1,32 @@
+// The op schemas of torch.ops.difforge: the one place that defines every op's signature.
+// Implementations are registered per family (bindings/<family>.cpp, bindings/<family>_cuda.cpp);
+// Python wrappers, fake kernels and autograd live in python/difforge/ops/<family>.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(difforge, m) {
+  // ---- norm: fused adaLN norm-modulate (spec/adaln_norm_and_load_balance.md) -------------------
+  // y = norm(x) * (1 + scale[m(r)]) + shift[m(r)], statistics in fp32, y in x's dtype.
+  // norm: "layernorm" (weight, bias optional) | "rmsnorm" (weight optional).
+  // scale/shift: None, [D] global, [B, D] or [B, 1, D] per-sample, [B, G, D] with G | L (row l uses l / (L/G)).
+  // batch_repeat R: x is [R*B, L, D] and x batch rb reads modulation batch rb % B.
+  // cu_seqlens (int32 [B+1]): x is packed [N, D], sequence b reads modulation row b; max_seqlen >= longest.
+  // Returns (y, mean [rows] fp32 (layernorm; empty for rmsnorm), rstd [rows] fp32).
+  m.def(
+      "adaln_modulate(Tensor x, Tensor? scale, Tensor? shift, Tensor? weight, Tensor? bias, str norm, float eps, "
+      "int batch_repeat, Tensor? cu_seqlens, int max_seqlen) -> (Tensor y, Tensor mean, Tensor rstd)");
+  // x_out = h + gate[m(r)] * o (gate None: 1), then y = adaln_modulate(x_out, ...), in one pass.
+  // o may have a different float dtype than h; x_out has h's dtype. Returns (x_out, y, mean, rstd).
+  m.def(
+      "gated_adaln_modulate(Tensor h, Tensor o, Tensor? gate, Tensor? scale, Tensor? shift, Tensor? weight, "
+      "Tensor? bias, str norm, float eps, int batch_repeat, Tensor? cu_seqlens, int max_seqlen) "
+      "-> (Tensor x_out, Tensor y, Tensor mean, Tensor rstd)");
+  // Backward of both: x is the normalized input (x_out when gated), dx_out the gradient arriving at x_out
+  // (gated only; None = 0), o given iff gated. Returns (dx, do, dgate, dscale, dshift, dweight, dbias) in
+  // their inputs' dtypes and shapes; a gradient whose input is None comes back as an empty tensor.
+  // Modulation and affine gradients use a deterministic two-pass column reduction (no atomics).
+  m.def(
+      "adaln_modulate_backward(Tensor dy, Tensor? dx_out, Tensor x, Tensor? o, Tensor? gate, Tensor? scale, "
+      "Tensor? shift, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, str norm, int batch_repeat, "
+      "Tensor? cu_seqlens, int max_seqlen) "
+      "-> (Tensor dx, Tensor do, Tensor dgate, Tensor dscale, Tensor dshift, Tensor dweight, Tensor dbias)");
+}

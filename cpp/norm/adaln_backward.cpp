@@ -1,0 +1,160 @@
+// Backward: pass 1 walks each reduction block's rows in order (dx, do and fp32 column partials),
+// pass 2 sums a modulation row's partials in ascending slot order. No atomics: the same bits on
+// every run and any thread count.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "norm/adaln_cpu.h"
+#include "norm/row_math.h"
+
+namespace difforge::norm {
+namespace {
+
+template <typename acc_t>
+struct Wanted {  // which column reductions this call produces
+  bool mod[kNumModGrads];
+  bool affine[kNumAffineGrads];
+  explicit Wanted(const BackwardParamsT<acc_t>& p)
+      : mod{p.scale.present(), p.shift.present(), p.o != nullptr && p.gate.present()},
+        affine{p.weight != nullptr, p.bias != nullptr} {}
+};
+
+template <typename T, typename To, typename acc_t>
+void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
+  const int64_t D = p.dim, G = p.layout.groups;
+  const Wanted<acc_t> want(p);
+  const auto* dy = static_cast<const T*>(p.dy);
+  const auto* dx_out = static_cast<const T*>(p.dx_out);
+  const auto* x = static_cast<const T*>(p.x);
+  const auto* o = static_cast<const To*>(p.o);
+  auto* dx = static_cast<T*>(p.dx);
+  auto* d_o = static_cast<To*>(p.d_o);
+  const int64_t slots = plan.num_slots(), blocks = plan.num_blocks();
+
+  at::parallel_for(0, blocks, 1, [&](int64_t block_lo, int64_t block_hi) {
+    std::vector<acc_t> xh(D), dyr(D), dxh(D);
+    std::vector<acc_t> mod_acc(kNumModGrads * D), affine_acc(kNumAffineGrads * D);
+    auto flush_mod = [&](int64_t slot) {
+      for (int q = 0; q < kNumModGrads; ++q)
+        if (want.mod[q]) std::memcpy(p.mod_partials + (q * slots + slot) * D, &mod_acc[q * D], D * sizeof(acc_t));
+      std::fill(mod_acc.begin(), mod_acc.end(), acc_t(0));
+    };
+
+    for (int64_t b = block_lo; b < block_hi; ++b) {
+      std::fill(mod_acc.begin(), mod_acc.end(), acc_t(0));
+      std::fill(affine_acc.begin(), affine_acc.end(), acc_t(0));
+      const bool packed = plan.segments_per_block > 1;
+      int64_t slot = plan.slot(plan.first_segment(b), plan.chunk(b));
+
+      for (int64_t r = plan.block_begin(b); r < plan.block_end(b); ++r) {
+        if (packed) {
+          const int64_t row_slot = plan.slot(p.layout.segment_of_row(r), 0);
+          if (row_slot != slot) { flush_mod(slot); slot = row_slot; }
+        }
+        const int64_t m = p.layout.mod_row(r);
+        const acc_t* s = p.scale.present() ? p.scale.row(m, G) : nullptr;
+        const acc_t* g = p.gate.present() ? p.gate.row(m, G) : nullptr;
+        const acc_t* w = p.weight;
+        const acc_t* bias = p.bias;
+        const RowStatsT<acc_t> st{p.norm == NormKind::layer ? p.mean[r] : acc_t(0), p.rstd[r]};
+        const T* xr = x + r * D;
+        const T* dyrow = dy + r * D;
+
+        for (int64_t c = 0; c < D; ++c) {
+          xh[c] = normalize(static_cast<acc_t>(xr[c]), st, p.norm);
+          dyr[c] = static_cast<acc_t>(dyrow[c]);
+          const acc_t dn = dyr[c] * (acc_t(1) + (s ? s[c] : acc_t(0)));
+          dxh[c] = w ? dn * w[c] : dn;
+          if (want.affine[kGradWeight]) affine_acc[kGradWeight * D + c] += dn * xh[c];
+          if (want.affine[kGradBias]) affine_acc[kGradBias * D + c] += dn;
+          if (want.mod[kGradScale]) {
+            const acc_t n = (w ? xh[c] * w[c] : xh[c]) + (bias ? bias[c] : acc_t(0));
+            mod_acc[kGradScale * D + c] += dyr[c] * n;
+          }
+          if (want.mod[kGradShift]) mod_acc[kGradShift * D + c] += dyr[c];
+        }
+        const acc_t* a = dxh.data();
+        const acc_t* e = xh.data();
+        const acc_t mean_dxh =
+            p.norm == NormKind::layer ? cpu::lane_sum<acc_t>(D, [&](int64_t c) { return a[c]; }) / acc_t(D) : acc_t(0);
+        const acc_t mean_dxh_xh = cpu::lane_sum<acc_t>(D, [&](int64_t c) { return a[c] * e[c]; }) / acc_t(D);
+
+        T* dxr = dx + r * D;
+        const T* dxo = dx_out ? dx_out + r * D : nullptr;
+        const To* orow = o ? o + r * D : nullptr;
+        To* dor = d_o ? d_o + r * D : nullptr;
+        for (int64_t c = 0; c < D; ++c) {
+          acc_t dhn = input_grad(a[c], e[c], st.rstd, mean_dxh, mean_dxh_xh, p.norm);
+          if (dxo) dhn += static_cast<acc_t>(dxo[c]);
+          dxr[c] = static_cast<T>(dhn);
+          if (dor) dor[c] = static_cast<To>(g ? dhn * g[c] : dhn);
+          if (want.mod[kGradGate]) mod_acc[kGradGate * D + c] += dhn * static_cast<acc_t>(orow[c]);
+        }
+      }
+      flush_mod(slot);  // an empty block (varlen chunk past a short sequence) writes its zeros too
+      for (int q = 0; q < kNumAffineGrads; ++q)
+        if (want.affine[q])
+          std::memcpy(p.affine_partials + (q * blocks + b) * D, &affine_acc[q * D], D * sizeof(acc_t));
+    }
+  });
+}
+
+// Pass 2: fixed ascending order over slots (per modulation row) and blocks (affine).
+template <typename acc_t>
+void reduce_columns(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
+  const int64_t D = p.dim, slots = plan.num_slots(), blocks = plan.num_blocks();
+  const int64_t mod_rows = p.layout.mod_rows(), per_row = plan.slots_per_mod_row();
+  const Wanted<acc_t> want(p);
+  if (!plan.direct()) {
+    at::parallel_for(0, mod_rows, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t m = lo; m < hi; ++m)
+        for (int q = 0; q < kNumModGrads; ++q) {
+          if (!want.mod[q]) continue;
+          acc_t* out = p.mod_grads + (q * mod_rows + m) * D;
+          std::fill(out, out + D, acc_t(0));
+          for (int64_t i = 0; i < per_row; ++i) {
+            const acc_t* part = p.mod_partials + (q * slots + plan.slot_of_mod_row(m, i)) * D;
+            for (int64_t c = 0; c < D; ++c) out[c] += part[c];
+          }
+        }
+    });
+  }
+  constexpr int64_t kCols = 256;
+  at::parallel_for(0, ceil_div(D, kCols), 1, [&](int64_t lo, int64_t hi) {
+    for (int q = 0; q < kNumAffineGrads; ++q) {
+      if (!want.affine[q]) continue;
+      const int64_t c0 = lo * kCols, c1 = std::min(D, hi * kCols);
+      acc_t* out = p.affine_grads + q * D;
+      std::fill(out + c0, out + c1, acc_t(0));
+      for (int64_t b = 0; b < blocks; ++b) {
+        const acc_t* part = p.affine_partials + (q * blocks + b) * D;
+        for (int64_t c = c0; c < c1; ++c) out[c] += part[c];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+template <typename acc_t>
+void adaln_backward_cpu(const BackwardParamsT<acc_t>& p) {
+  if (p.layout.rows == 0 || p.dim == 0) return;
+  const ReductionPlan plan(p.layout);
+  cpu::dispatch_float(p.x_dtype, [&]<typename T>() {
+    if constexpr (std::is_same_v<acc_t, double> == std::is_same_v<T, double>) {
+      if (p.o == nullptr) return backward_rows<T, T, acc_t>(p, plan);
+      cpu::dispatch_float(p.o_dtype, [&]<typename To>() {
+        if constexpr (std::is_same_v<acc_t, double> == std::is_same_v<To, double>) backward_rows<T, To, acc_t>(p, plan);
+      });
+    }
+  });
+  reduce_columns(p, plan);
+}
+
+template void adaln_backward_cpu<float>(const BackwardParamsT<float>&);
+template void adaln_backward_cpu<double>(const BackwardParamsT<double>&);
+
+}  // namespace difforge::norm

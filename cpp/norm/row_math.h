@@ -1,0 +1,41 @@
+// Row-level helpers of the CPU norm kernels: element conversion and vectorizable reductions.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "difforge/common.h"
+
+namespace difforge::norm::cpu {
+
+// Fixed lane count: the compiler maps the partial sums onto one SIMD register, and the summation
+// order depends only on n, so results are reproducible run to run.
+constexpr int kLanes = 8;
+
+template <typename acc_t, typename F>
+inline acc_t lane_sum(int64_t n, F&& term) {
+  acc_t part[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += term(c + j);
+  for (int j = 0; c + j < n; ++j) part[j] += term(c + j);
+  acc_t total = 0;
+  for (int j = 0; j < kLanes; ++j) total += part[j];
+  return total;
+}
+
+// Calls f.template operator()<T, acc_t>() for the element type named by dtype.
+template <typename F>
+inline void dispatch_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f32: f.template operator()<float>(); break;
+    case DType::f16: f.template operator()<c10::Half>(); break;
+    case DType::bf16: f.template operator()<c10::BFloat16>(); break;
+    case DType::f64: f.template operator()<double>(); break;
+  }
+}
+
+}  // namespace difforge::norm::cpu

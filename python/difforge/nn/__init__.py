@@ -1,0 +1,5 @@
+"""torch.nn modules built on difforge.ops."""
+
+from difforge.nn.norm import AdaLNModulate
+
+__all__ = ["AdaLNModulate"]
