@@ -22,7 +22,7 @@ struct Wanted {  // which column reductions this call produces
         affine{p.weight != nullptr, p.bias != nullptr} {}
 };
 
-template <typename T, typename To, typename acc_t>
+template <NormKind K, bool kGated, typename T, typename To, typename acc_t>
 void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
   const int64_t D = p.dim, G = p.layout.groups;
   const Wanted<acc_t> want(p);
@@ -33,10 +33,19 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
   auto* dx = static_cast<T*>(p.dx);
   auto* d_o = static_cast<To*>(p.d_o);
   const int64_t slots = plan.num_slots(), blocks = plan.num_blocks();
+  const cpu::Neutral<acc_t> neutral(D);
+  const acc_t* w = neutral.or_ones(p.weight);
+  const acc_t* bias = neutral.or_zeros(p.bias);
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_lo, int64_t block_hi) {
-    std::vector<acc_t> xh(D), dyr(D), dxh(D);
+    std::vector<acc_t> xh_row(D), dxh_row(D);
+    // Column partials; every quantity is accumulated (branch-free loops), only wanted ones are stored.
     std::vector<acc_t> mod_acc(kNumModGrads * D), affine_acc(kNumAffineGrads * D);
+    acc_t* ds = &mod_acc[kGradScale * D];
+    acc_t* dt = &mod_acc[kGradShift * D];
+    acc_t* dg = &mod_acc[kGradGate * D];
+    acc_t* dw = &affine_acc[kGradWeight * D];
+    acc_t* db = &affine_acc[kGradBias * D];
     auto flush_mod = [&](int64_t slot) {
       for (int q = 0; q < kNumModGrads; ++q)
         if (want.mod[q]) std::memcpy(p.mod_partials + (q * slots + slot) * D, &mod_acc[q * D], D * sizeof(acc_t));
@@ -55,43 +64,42 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
           if (row_slot != slot) { flush_mod(slot); slot = row_slot; }
         }
         const int64_t m = p.layout.mod_row(r);
-        const acc_t* s = p.scale.present() ? p.scale.row(m, G) : nullptr;
-        const acc_t* g = p.gate.present() ? p.gate.row(m, G) : nullptr;
-        const acc_t* w = p.weight;
-        const acc_t* bias = p.bias;
-        const RowStatsT<acc_t> st{p.norm == NormKind::layer ? p.mean[r] : acc_t(0), p.rstd[r]};
+        const acc_t* s = neutral.or_zeros(p.scale.present() ? p.scale.row(m, G) : nullptr);
+        const RowStatsT<acc_t> st{K == NormKind::layer ? p.mean[r] : acc_t(0), p.rstd[r]};
         const T* xr = x + r * D;
-        const T* dyrow = dy + r * D;
-
+        const T* dyr = dy + r * D;
+        acc_t* xh = xh_row.data();
+        acc_t* dxh = dxh_row.data();
         for (int64_t c = 0; c < D; ++c) {
-          xh[c] = normalize(static_cast<acc_t>(xr[c]), st, p.norm);
-          dyr[c] = static_cast<acc_t>(dyrow[c]);
-          const acc_t dn = dyr[c] * (acc_t(1) + (s ? s[c] : acc_t(0)));
-          dxh[c] = w ? dn * w[c] : dn;
-          if (want.affine[kGradWeight]) affine_acc[kGradWeight * D + c] += dn * xh[c];
-          if (want.affine[kGradBias]) affine_acc[kGradBias * D + c] += dn;
-          if (want.mod[kGradScale]) {
-            const acc_t n = (w ? xh[c] * w[c] : xh[c]) + (bias ? bias[c] : acc_t(0));
-            mod_acc[kGradScale * D + c] += dyr[c] * n;
-          }
-          if (want.mod[kGradShift]) mod_acc[kGradShift * D + c] += dyr[c];
+          const acc_t dyc = static_cast<acc_t>(dyr[c]);
+          xh[c] = normalize(static_cast<acc_t>(xr[c]), st, K);
+          const acc_t dn = dyc * (acc_t(1) + s[c]);
+          dxh[c] = dn * w[c];
+          dw[c] += dn * xh[c];
+          db[c] += dn;
+          ds[c] += dyc * (xh[c] * w[c] + bias[c]);
+          dt[c] += dyc;
         }
-        const acc_t* a = dxh.data();
-        const acc_t* e = xh.data();
         const acc_t mean_dxh =
-            p.norm == NormKind::layer ? cpu::lane_sum<acc_t>(D, [&](int64_t c) { return a[c]; }) / acc_t(D) : acc_t(0);
-        const acc_t mean_dxh_xh = cpu::lane_sum<acc_t>(D, [&](int64_t c) { return a[c] * e[c]; }) / acc_t(D);
+            K == NormKind::layer ? cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c]; }) / acc_t(D) : acc_t(0);
+        const acc_t mean_dxh_xh = cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c] * xh[c]; }) / acc_t(D);
 
         T* dxr = dx + r * D;
-        const T* dxo = dx_out ? dx_out + r * D : nullptr;
-        const To* orow = o ? o + r * D : nullptr;
-        To* dor = d_o ? d_o + r * D : nullptr;
-        for (int64_t c = 0; c < D; ++c) {
-          acc_t dhn = input_grad(a[c], e[c], st.rstd, mean_dxh, mean_dxh_xh, p.norm);
-          if (dxo) dhn += static_cast<acc_t>(dxo[c]);
-          dxr[c] = static_cast<T>(dhn);
-          if (dor) dor[c] = static_cast<To>(g ? dhn * g[c] : dhn);
-          if (want.mod[kGradGate]) mod_acc[kGradGate * D + c] += dhn * static_cast<acc_t>(orow[c]);
+        if constexpr (kGated) {
+          const acc_t* g = neutral.or_ones(p.gate.present() ? p.gate.row(m, G) : nullptr);
+          const T* dxo_row = dx_out ? dx_out + r * D : nullptr;
+          const To* orow = o + r * D;
+          To* dor = d_o ? d_o + r * D : nullptr;
+          for (int64_t c = 0; c < D; ++c) {
+            const acc_t ext = dxo_row ? static_cast<acc_t>(dxo_row[c]) : acc_t(0);
+            const acc_t dhn = input_grad(dxh[c], xh[c], st.rstd, mean_dxh, mean_dxh_xh, K) + ext;
+            dxr[c] = static_cast<T>(dhn);
+            dg[c] += dhn * static_cast<acc_t>(orow[c]);
+            if (dor) dor[c] = static_cast<To>(dhn * g[c]);
+          }
+        } else {
+          for (int64_t c = 0; c < D; ++c)
+            dxr[c] = static_cast<T>(input_grad(dxh[c], xh[c], st.rstd, mean_dxh, mean_dxh_xh, K));
         }
       }
       flush_mod(slot);  // an empty block (varlen chunk past a short sequence) writes its zeros too
@@ -143,13 +151,16 @@ template <typename acc_t>
 void adaln_backward_cpu(const BackwardParamsT<acc_t>& p) {
   if (p.layout.rows == 0 || p.dim == 0) return;
   const ReductionPlan plan(p.layout);
-  cpu::dispatch_float(p.x_dtype, [&]<typename T>() {
-    if constexpr (std::is_same_v<acc_t, double> == std::is_same_v<T, double>) {
-      if (p.o == nullptr) return backward_rows<T, T, acc_t>(p, plan);
-      cpu::dispatch_float(p.o_dtype, [&]<typename To>() {
-        if constexpr (std::is_same_v<acc_t, double> == std::is_same_v<To, double>) backward_rows<T, To, acc_t>(p, plan);
-      });
-    }
+  constexpr bool kDouble = std::is_same_v<acc_t, double>;
+  cpu::dispatch_norm(p.norm, [&]<NormKind K>() {
+    cpu::dispatch_float(p.x_dtype, [&]<typename T>() {
+      if constexpr (kDouble == std::is_same_v<T, double>) {
+        if (p.o == nullptr) return backward_rows<K, false, T, T, acc_t>(p, plan);
+        cpu::dispatch_float(p.o_dtype, [&]<typename To>() {
+          if constexpr (kDouble == std::is_same_v<To, double>) backward_rows<K, true, T, To, acc_t>(p, plan);
+        });
+      }
+    });
   });
   reduce_columns(p, plan);
 }

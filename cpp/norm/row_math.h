@@ -6,8 +6,9 @@
 
 #include <cstdint>
 #include <utility>
+#include <vector>
 
-#include "difforge/common.h"
+#include "difforge/adaln_norm.h"
 
 namespace difforge::norm::cpu {
 
@@ -27,7 +28,17 @@ inline acc_t lane_sum(int64_t n, F&& term) {
   return total;
 }
 
-// Calls f.template operator()<T, acc_t>() for the element type named by dtype.
+// Neutral operands for absent inputs, so row loops stay branch-free: an absent weight reads
+// ones, an absent bias / scale / shift reads zeros.
+template <typename acc_t>
+struct Neutral {
+  std::vector<acc_t> ones, zeros;
+  explicit Neutral(int64_t n) : ones(n, acc_t(1)), zeros(n, acc_t(0)) {}
+  const acc_t* or_ones(const acc_t* p) const { return p ? p : ones.data(); }
+  const acc_t* or_zeros(const acc_t* p) const { return p ? p : zeros.data(); }
+};
+
+// Calls f.template operator()<T>() for the element type named by dtype.
 template <typename F>
 inline void dispatch_float(DType dtype, F&& f) {
   switch (dtype) {
@@ -36,6 +47,13 @@ inline void dispatch_float(DType dtype, F&& f) {
     case DType::bf16: f.template operator()<c10::BFloat16>(); break;
     case DType::f64: f.template operator()<double>(); break;
   }
+}
+
+// Calls f.template operator()<K>() with the norm kind as a compile-time constant.
+template <typename F>
+inline void dispatch_norm(NormKind kind, F&& f) {
+  if (kind == NormKind::layer) f.template operator()<NormKind::layer>();
+  else f.template operator()<NormKind::rms>();
 }
 
 }  // namespace difforge::norm::cpu
