@@ -281,18 +281,25 @@ BackwardResult backward_typed(const char* op, const NormArgs& a, const Tensor& d
   }
   const ReductionPlan plan(a.layout);
   const auto acc_opts = a.x.options().dtype(a.acc);
-  const bool any_mod = a.mods[kGradScale].defined() || a.mods[kGradShift].defined() ||
-                       (a.o.defined() && a.mods[kGradGate].defined());
-  const bool any_affine = a.weight.defined() || a.bias.defined();
   const int64_t mod_rows = a.layout.mod_rows();
-  Tensor mod_grads, mod_partials, affine_grads, affine_partials;
-  if (any_mod) {
-    mod_grads = rows == 0 ? at::zeros({kNumModGrads, mod_rows, D}, acc_opts) : at::empty({kNumModGrads, mod_rows, D}, acc_opts);
-    mod_partials = plan.direct() || rows == 0 ? mod_grads : at::empty({kNumModGrads, plan.num_slots(), D}, acc_opts);
+  auto fresh = [&](int64_t n) { return rows == 0 ? at::zeros({n, D}, acc_opts) : at::empty({n, D}, acc_opts); };
+  // One buffer per gradient, so the returned gradients never share storage.
+  std::array<Tensor, kNumModGrads> mod_grads, mod_partials;
+  for (int q = 0; q < kNumModGrads; ++q) {
+    if (!a.mods[q].defined() || (q == kGradGate && !a.o.defined())) continue;
+    mod_grads[q] = fresh(mod_rows);
+    mod_partials[q] = plan.direct() || rows == 0 ? mod_grads[q] : at::empty({plan.num_slots(), D}, acc_opts);
+    p.mod_grads[q] = mod_grads[q].data_ptr<acc_t>();
+    p.mod_partials[q] = mod_partials[q].data_ptr<acc_t>();
   }
-  if (any_affine) {
-    affine_grads = rows == 0 ? at::zeros({kNumAffineGrads, D}, acc_opts) : at::empty({kNumAffineGrads, D}, acc_opts);
-    affine_partials = at::empty({kNumAffineGrads, rows == 0 ? 0 : plan.num_blocks(), D}, acc_opts);
+  std::array<Tensor, kNumAffineGrads> affine_grads, affine_partials;
+  const std::array<const Tensor*, kNumAffineGrads> params = {&a.weight, &a.bias};
+  for (int q = 0; q < kNumAffineGrads; ++q) {
+    if (!params[q]->defined()) continue;
+    affine_grads[q] = fresh(1);
+    affine_partials[q] = at::empty({rows == 0 ? 0 : plan.num_blocks(), D}, acc_opts);
+    p.affine_grads[q] = affine_grads[q].data_ptr<acc_t>();
+    p.affine_partials[q] = affine_partials[q].data_ptr<acc_t>();
   }
   Tensor dx = at::empty_like(a.x);
   Tensor d_o = a.o.defined() ? at::empty_like(a.o) : at::empty({0}, a.x.options());
@@ -305,22 +312,18 @@ BackwardResult backward_typed(const char* op, const NormArgs& a, const Tensor& d
   p.rstd = rstd_c.data_ptr<acc_t>();
   p.dx = dx.data_ptr();
   p.d_o = a.o.defined() ? d_o.data_ptr() : nullptr;
-  p.mod_partials = any_mod ? mod_partials.data_ptr<acc_t>() : nullptr;
-  p.mod_grads = any_mod ? mod_grads.data_ptr<acc_t>() : nullptr;
-  p.affine_partials = any_affine ? affine_partials.data_ptr<acc_t>() : nullptr;
-  p.affine_grads = any_affine ? affine_grads.data_ptr<acc_t>() : nullptr;
   Kernels::backward(p);
 
   auto mod_grad = [&](int q) {
-    if (!a.mods[q].defined() || (q == kGradGate && !a.o.defined())) return at::empty({0}, a.x.options());
-    return mod_grads[q].reshape(a.mod_shapes[q]).to(a.mod_dtypes[q]);
+    if (!mod_grads[q].defined()) return at::empty({0}, a.x.options());
+    return mod_grads[q].view(a.mod_shapes[q]).to(a.mod_dtypes[q]);
   };
-  auto affine_grad = [&](int q, const Tensor& param, at::ScalarType dtype) {
-    if (!param.defined()) return at::empty({0}, a.x.options());
-    return affine_grads[q].to(dtype);
+  auto affine_grad = [&](int q, at::ScalarType dtype) {
+    if (!affine_grads[q].defined()) return at::empty({0}, a.x.options());
+    return affine_grads[q].view({D}).to(dtype);
   };
   return {dx, d_o, mod_grad(kGradGate), mod_grad(kGradScale), mod_grad(kGradShift),
-          affine_grad(kGradWeight, a.weight, a.weight_dtype), affine_grad(kGradBias, a.bias, a.bias_dtype)};
+          affine_grad(kGradWeight, a.weight_dtype), affine_grad(kGradBias, a.bias_dtype)};
 }
 
 template <typename Kernels>

@@ -32,7 +32,7 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
   const auto* o = static_cast<const To*>(p.o);
   auto* dx = static_cast<T*>(p.dx);
   auto* d_o = static_cast<To*>(p.d_o);
-  const int64_t slots = plan.num_slots(), blocks = plan.num_blocks();
+  const int64_t blocks = plan.num_blocks();
   const cpu::Neutral<acc_t> neutral(D);
   const acc_t* w = neutral.or_ones(p.weight);
   const acc_t* bias = neutral.or_zeros(p.bias);
@@ -48,7 +48,7 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
     acc_t* db = &affine_acc[kGradBias * D];
     auto flush_mod = [&](int64_t slot) {
       for (int q = 0; q < kNumModGrads; ++q)
-        if (want.mod[q]) std::memcpy(p.mod_partials + (q * slots + slot) * D, &mod_acc[q * D], D * sizeof(acc_t));
+        if (want.mod[q]) std::memcpy(p.mod_partials[q] + slot * D, &mod_acc[q * D], D * sizeof(acc_t));
       std::fill(mod_acc.begin(), mod_acc.end(), acc_t(0));
     };
 
@@ -105,7 +105,7 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
       flush_mod(slot);  // an empty block (varlen chunk past a short sequence) writes its zeros too
       for (int q = 0; q < kNumAffineGrads; ++q)
         if (want.affine[q])
-          std::memcpy(p.affine_partials + (q * blocks + b) * D, &affine_acc[q * D], D * sizeof(acc_t));
+          std::memcpy(p.affine_partials[q] + b * D, &affine_acc[q * D], D * sizeof(acc_t));
     }
   });
 }
@@ -113,7 +113,7 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
 // Pass 2: fixed ascending order over slots (per modulation row) and blocks (affine).
 template <typename acc_t>
 void reduce_columns(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
-  const int64_t D = p.dim, slots = plan.num_slots(), blocks = plan.num_blocks();
+  const int64_t D = p.dim, blocks = plan.num_blocks();
   const int64_t mod_rows = p.layout.mod_rows(), per_row = plan.slots_per_mod_row();
   const Wanted<acc_t> want(p);
   if (!plan.direct()) {
@@ -121,10 +121,10 @@ void reduce_columns(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) 
       for (int64_t m = lo; m < hi; ++m)
         for (int q = 0; q < kNumModGrads; ++q) {
           if (!want.mod[q]) continue;
-          acc_t* out = p.mod_grads + (q * mod_rows + m) * D;
+          acc_t* out = p.mod_grads[q] + m * D;
           std::fill(out, out + D, acc_t(0));
           for (int64_t i = 0; i < per_row; ++i) {
-            const acc_t* part = p.mod_partials + (q * slots + plan.slot_of_mod_row(m, i)) * D;
+            const acc_t* part = p.mod_partials[q] + plan.slot_of_mod_row(m, i) * D;
             for (int64_t c = 0; c < D; ++c) out[c] += part[c];
           }
         }
@@ -135,10 +135,10 @@ void reduce_columns(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) 
     for (int q = 0; q < kNumAffineGrads; ++q) {
       if (!want.affine[q]) continue;
       const int64_t c0 = lo * kCols, c1 = std::min(D, hi * kCols);
-      acc_t* out = p.affine_grads + q * D;
+      acc_t* out = p.affine_grads[q];
       std::fill(out + c0, out + c1, acc_t(0));
       for (int64_t b = 0; b < blocks; ++b) {
-        const acc_t* part = p.affine_partials + (q * blocks + b) * D;
+        const acc_t* part = p.affine_partials[q] + b * D;
         for (int64_t c = c0; c < c1; ++c) out[c] += part[c];
       }
     }

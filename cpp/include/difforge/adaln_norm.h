@@ -78,9 +78,8 @@ enum AffineGrad : int { kGradWeight = 0, kGradBias = 1, kNumAffineGrads = 2 };
 
 // Deterministic two-pass column reduction (spec §2). Pass 1 cuts rows into blocks that never
 // straddle a segment: a long segment is cut into chunks of block_rows, short segments are packed
-// whole, segments_per_block at a time. Each (segment, chunk) owns one "slot" of fp32 partial
-// sums laid out [kNumModGrads][num_slots][dim]; each block owns one row of the affine partials
-// [kNumAffineGrads][num_blocks][dim]. Pass 2 sums a modulation row's slots in ascending order.
+// whole, segments_per_block at a time. Each (segment, chunk) owns one "slot" (a [dim] row) of fp32
+// partial sums per modulation quantity; each block owns one row of the affine partials. Pass 2 sums a modulation row's slots in ascending order.
 // When every modulation row has exactly one slot (per-token, or short per-sample), slot == m and
 // pass 1 already wrote the final gradients ("direct").
 struct ReductionPlan {
@@ -199,10 +198,11 @@ struct BackwardParamsT {
   DType o_dtype = DType::f32;
   void* dx = nullptr;             // [rows, dim] x_dtype: gradient of h (gated) or x
   void* d_o = nullptr;            // [rows, dim] o_dtype; nullptr: not wanted
-  acc_t* mod_partials = nullptr;  // [kNumModGrads][plan.num_slots()][dim]
-  acc_t* mod_grads = nullptr;     // [kNumModGrads][layout.mod_rows()][dim]; == mod_partials when plan.direct()
-  acc_t* affine_partials = nullptr;  // [kNumAffineGrads][plan.num_blocks()][dim]
-  acc_t* affine_grads = nullptr;     // [kNumAffineGrads][dim]
+  // One buffer per quantity (the op returns each gradient as its own tensor).
+  acc_t* mod_partials[kNumModGrads] = {};     // each [plan.num_slots()][dim]
+  acc_t* mod_grads[kNumModGrads] = {};        // each [layout.mod_rows()][dim]; == mod_partials when plan.direct()
+  acc_t* affine_partials[kNumAffineGrads] = {};  // each [plan.num_blocks()][dim]
+  acc_t* affine_grads[kNumAffineGrads] = {};     // each [dim]
   // Which reductions to produce: scale.present() -> kGradScale, shift -> kGradShift, o with gate -> kGradGate,
   // weight -> kGradWeight, bias -> kGradBias. Absent quantities are neither read nor written.
 };

@@ -169,3 +169,16 @@ def _backward_gated(ctx, dx_out, dy, _dmean, _drstd):
 
 torch.library.register_autograd("difforge::adaln_modulate", _backward_adaln, setup_context=_setup_adaln)
 torch.library.register_autograd("difforge::gated_adaln_modulate", _backward_gated, setup_context=_setup_gated)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("difforge: double backward through adaln_modulate / gated_adaln_modulate is not supported")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "difforge::adaln_modulate_backward", _no_double_backward, setup_context=_setup_nothing
+)
