@@ -178,7 +178,8 @@ inline NormArgs prepare(const char* op, const Tensor& x, const OptTensor& o, con
       TORCH_CHECK(B == mod_batch * batch_repeat, op, ": x has batch ", B, " but the modulation has batch ", mod_batch,
                   batch_repeat > 1 ? " times batch_repeat " + std::to_string(batch_repeat) : std::string(""),
                   "; expected x batch = modulation batch * batch_repeat");
-      TORCH_CHECK(groups >= 1 && L % groups == 0, op, ": the modulation has G = ", groups,
+      // L = 0 allows G = 0 (a per-token modulation of an empty sequence): there are no rows.
+      TORCH_CHECK(L == 0 ? groups >= 0 : groups >= 1 && L % groups == 0, op, ": the modulation has G = ", groups,
                   " groups, which must divide the sequence length L = ", L);
       l.groups = groups;
       l.group_len = std::max<int64_t>(L / groups, 1);
@@ -238,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const NormArgs& a, doub
   p.y = y.data_ptr();
   p.mean = a.norm == NormKind::layer ? mean.data_ptr<acc_t>() : nullptr;
   p.rstd = rstd.data_ptr<acc_t>();
-  Kernels::forward(p);
+  if (a.layout.rows > 0) Kernels::forward(p);
   return {x_out, y, mean, rstd};
 }
 
@@ -279,7 +280,8 @@ BackwardResult backward_typed(const char* op, const NormArgs& a, const Tensor& d
     p.scale = f.scale, p.shift = f.shift, p.gate = f.gate, p.weight = f.weight, p.bias = f.bias;
     p.layout = f.layout, p.dim = f.dim, p.norm = f.norm, p.x_dtype = f.x_dtype, p.o_dtype = f.o_dtype;
   }
-  const ReductionPlan plan(a.layout);
+  // No rows: every gradient is an empty or zero tensor, and there is nothing to plan or launch.
+  const ReductionPlan plan(rows == 0 ? ModLayout{} : a.layout);
   const auto acc_opts = a.x.options().dtype(a.acc);
   const int64_t mod_rows = a.layout.mod_rows();
   auto fresh = [&](int64_t n) { return rows == 0 ? at::zeros({n, D}, acc_opts) : at::empty({n, D}, acc_opts); };
@@ -312,7 +314,7 @@ BackwardResult backward_typed(const char* op, const NormArgs& a, const Tensor& d
   p.rstd = rstd_c.data_ptr<acc_t>();
   p.dx = dx.data_ptr();
   p.d_o = a.o.defined() ? d_o.data_ptr() : nullptr;
-  Kernels::backward(p);
+  if (rows > 0) Kernels::backward(p);
 
   auto mod_grad = [&](int q) {
     if (!mod_grads[q].defined()) return at::empty({0}, a.x.options());

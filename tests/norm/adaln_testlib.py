@@ -210,6 +210,8 @@ def eager(case: "Case"):
 
 def clone_strided(t: torch.Tensor, *, dtype=None, device=None) -> torch.Tensor:
     """A detached copy with the same sizes and strides (a chunk view stays a strided view of a bigger buffer)."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):  # overlapping (expanded): plain copy
+        return t.detach().to(dtype=dtype or t.dtype, device=device or t.device).contiguous().clone()
     out = torch.empty_strided(t.shape, t.stride(), dtype=dtype or t.dtype, device=device or t.device)
     with torch.no_grad():
         out.copy_(t.detach())

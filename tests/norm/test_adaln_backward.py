@@ -18,6 +18,7 @@ from adaln_testlib import (
     make_case,
     op_grads,
     ref_grads,
+    reference,
     stable_seed,
 )
 
@@ -208,8 +209,6 @@ def test_backward_through_tensor_backward_accumulates_into_leaves():
 
     e64 = e.detach().double().requires_grad_()
     x64 = x.detach().double().requires_grad_()
-    from adaln_testlib import reference
-
     sh64, sc64 = e64.chunk(6, dim=1)[:2]
     y64 = reference(Case(x=x64, scale=sc64, shift=sh64)).y
     (y64 * torch.linspace(-1, 1, 16, dtype=torch.float64)).sum().backward()

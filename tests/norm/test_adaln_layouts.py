@@ -116,12 +116,13 @@ def test_gate_none_equals_gate_of_ones(layout, norm, device):
         torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("affine", ["none", "weight", "weight_bias"])
-@pytest.mark.parametrize("norm", NORMS)
+# rmsnorm has no bias, so weight_bias is layernorm only.
+@pytest.mark.parametrize(
+    "norm, affine",
+    [(n, a) for n in NORMS for a in ("none", "weight", "weight_bias") if not (n == "rmsnorm" and a == "weight_bias")],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_no_modulation_equals_torch_functional(norm, affine, dtype, device):
-    if norm == "rmsnorm" and affine == "weight_bias":
-        pytest.skip("rmsnorm has no bias")
     case = make_case("none", norm=norm, affine=affine, dtype=dtype, affine_dtype=dtype, D=96, device=device, seed=5)
     case = case.leaf_copies()
     _, y = call_op(case)
@@ -210,3 +211,43 @@ def test_varlen_leading_and_trailing_empty_sequences(device):
     for k in ("scale", "shift", "gate"):
         assert torch.count_nonzero(g[k][0]) == 0 and torch.count_nonzero(g[k][3]) == 0
 
+
+
+@pytest.mark.parametrize("kind", ["transposed", "expanded", "sliced"])
+def test_modulation_with_unusual_strides(kind, device):
+    """Modulation tensors with stride(-1) != 1, stride-0 broadcast or sliced rows: same as contiguous copies."""
+    B, L, D = 3, 4, 16
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(B, L, D, generator=gen).to(device).requires_grad_()
+    if kind == "transposed":
+        bases = [torch.randn(D, B, generator=gen).to(device).requires_grad_() for _ in range(2)]
+        scale, shift = (b.t() for b in bases)  # [B, D], strides (1, B)
+    elif kind == "expanded":
+        bases = [torch.randn(1, D, generator=gen).to(device).requires_grad_() for _ in range(2)]
+        scale, shift = (b.expand(B, D) for b in bases)  # batch stride 0
+    else:
+        bases = [torch.randn(2 * B, D, generator=gen).to(device).requires_grad_() for _ in range(2)]
+        scale, shift = bases[0][::2], bases[1][1::2]  # batch stride 2D
+    dy = torch.randn(B, L, D, generator=gen).to(device)
+    y1 = difforge.ops.adaln_modulate(x, scale, shift)
+    g1 = torch.autograd.grad(y1, [x, scale, shift], dy)
+    x2, scale2, shift2 = (t.detach().contiguous().requires_grad_() for t in (x, scale, shift))
+    y2 = difforge.ops.adaln_modulate(x2, scale2, shift2)
+    g2 = torch.autograd.grad(y2, [x2, scale2, shift2], dy)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(y1.double(), reference(Case(x=x2, scale=scale2, shift=shift2)).y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_with_broadcast_output_gradient(device):
+    """y.sum().backward() hands the backward an expanded (stride-0) dy."""
+    case = make_case("frame", gate="tensor", affine="weight_bias", device=device, seed=13).leaf_copies()
+    x_out, y = call_op(case)
+    (y.sum() + x_out.sum()).backward()
+    ref = case.leaf_copies(torch.float64)
+    r = reference(ref, round_x_out=False)
+    (r.y.sum() + r.x_out.sum()).backward()
+    for k, t in case.inputs().items():
+        torch.testing.assert_close(t.grad.double(), ref.inputs()[k].grad, rtol=1e-4, atol=1e-4, msg=k)

@@ -130,7 +130,7 @@ def _(dy, dx_out, x, o, gate, scale, shift, weight, bias, mean, rstd, norm, batc
 
 
 def _grad_or_none(ctx, index: int, grad: Tensor) -> Tensor | None:
-    return grad if ctx.needs_input_grad[index] and grad.numel() > 0 else None
+    return grad if ctx.needs_input_grad[index] else None
 
 
 def _setup_adaln(ctx, inputs, output):

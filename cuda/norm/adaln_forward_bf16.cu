@@ -1,0 +1,6 @@
+// Forward kernels for x dtype bf16 (all o dtypes): see adaln_forward.cuh.
+#include "adaln_forward.cuh"
+
+namespace difforge::norm::detail {
+template cudaError_t launch_forward_rows<DType::bf16>(const ForwardParams&, cudaStream_t);
+}  // namespace difforge::norm::detail
