@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import os
 import platform
 import shlex
 import subprocess
@@ -56,4 +57,6 @@ def collect(device: str, peak: Peak, argv: list[str]) -> dict:
         "python": platform.python_version(),
         "host_cpu_threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        # Huge-page backing of torch's CPU allocations: changes CPU timings of large outputs.
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }

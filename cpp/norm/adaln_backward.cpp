@@ -22,6 +22,26 @@ struct Wanted {  // which column reductions this call produces
         affine{p.weight != nullptr, p.bias != nullptr} {}
 };
 
+// One row's x_hat and d(x_hat), and its terms of the column partials. Restrict-qualified
+// parameters: eleven pointers are past the compiler's runtime alias checks, and without the
+// promise that they do not overlap this loop would not vectorize.
+template <NormKind K, typename T, typename acc_t>
+inline void row_terms(int64_t D, const T* __restrict dy, const T* __restrict x, RowStatsT<acc_t> st,
+                      const acc_t* __restrict scale, const acc_t* __restrict w, const acc_t* __restrict bias,
+                      acc_t* __restrict xh, acc_t* __restrict dxh, acc_t* __restrict dw, acc_t* __restrict db,
+                      acc_t* __restrict ds, acc_t* __restrict dt) {
+  for (int64_t c = 0; c < D; ++c) {
+    const acc_t dyc = static_cast<acc_t>(dy[c]);
+    xh[c] = normalize(static_cast<acc_t>(x[c]), st, K);
+    const acc_t dn = dyc * (acc_t(1) + scale[c]);
+    dxh[c] = dn * w[c];
+    dw[c] += dn * xh[c];
+    db[c] += dn;
+    ds[c] += dyc * (xh[c] * w[c] + bias[c]);
+    dt[c] += dyc;
+  }
+}
+
 template <NormKind K, bool kGated, typename T, typename To, typename acc_t>
 void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
   const int64_t D = p.dim, G = p.layout.groups;
@@ -70,16 +90,7 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
         const T* dyr = dy + r * D;
         acc_t* xh = xh_row.data();
         acc_t* dxh = dxh_row.data();
-        for (int64_t c = 0; c < D; ++c) {
-          const acc_t dyc = static_cast<acc_t>(dyr[c]);
-          xh[c] = normalize(static_cast<acc_t>(xr[c]), st, K);
-          const acc_t dn = dyc * (acc_t(1) + s[c]);
-          dxh[c] = dn * w[c];
-          dw[c] += dn * xh[c];
-          db[c] += dn;
-          ds[c] += dyc * (xh[c] * w[c] + bias[c]);
-          dt[c] += dyc;
-        }
+        row_terms<K>(D, dyr, xr, st, s, w, bias, xh, dxh, dw, db, ds, dt);
         const acc_t mean_dxh =
             K == NormKind::layer ? cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c]; }) / acc_t(D) : acc_t(0);
         const acc_t mean_dxh_xh = cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c] * xh[c]; }) / acc_t(D);
@@ -110,36 +121,27 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
   });
 }
 
-// Pass 2: fixed ascending order over slots (per modulation row) and blocks (affine).
+// Pass 2: fixed ascending order over slots (per modulation row) and blocks (affine). Parallel
+// over column chunks too: a per-sample modulation of batch 1 has a single row.
 template <typename acc_t>
 void reduce_columns(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
-  const int64_t D = p.dim, blocks = plan.num_blocks();
-  const int64_t mod_rows = p.layout.mod_rows(), per_row = plan.slots_per_mod_row();
-  const Wanted<acc_t> want(p);
-  if (!plan.direct()) {
-    at::parallel_for(0, mod_rows, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t m = lo; m < hi; ++m)
-        for (int q = 0; q < kNumModGrads; ++q) {
-          if (!want.mod[q]) continue;
-          acc_t* out = p.mod_grads[q] + m * D;
-          std::fill(out, out + D, acc_t(0));
-          for (int64_t i = 0; i < per_row; ++i) {
-            const acc_t* part = p.mod_partials[q] + plan.slot_of_mod_row(m, i) * D;
-            for (int64_t c = 0; c < D; ++c) out[c] += part[c];
-          }
-        }
-    });
-  }
   constexpr int64_t kCols = 256;
-  at::parallel_for(0, ceil_div(D, kCols), 1, [&](int64_t lo, int64_t hi) {
-    for (int q = 0; q < kNumAffineGrads; ++q) {
-      if (!want.affine[q]) continue;
-      const int64_t c0 = lo * kCols, c1 = std::min(D, hi * kCols);
-      acc_t* out = p.affine_grads[q];
-      std::fill(out + c0, out + c1, acc_t(0));
-      for (int64_t b = 0; b < blocks; ++b) {
-        const acc_t* part = p.affine_partials[q] + b * D;
-        for (int64_t c = c0; c < c1; ++c) out[c] += part[c];
+  const int64_t D = p.dim, chunks = ceil_div(D, kCols), blocks = plan.num_blocks();
+  const int64_t mod_rows = plan.direct() ? 0 : p.layout.mod_rows(), per_row = plan.slots_per_mod_row();
+  const Wanted<acc_t> want(p);
+  // Tasks [0, mod_rows * chunks) are modulation (row, chunk) pairs, the last `chunks` the affine chunks.
+  at::parallel_for(0, (mod_rows + 1) * chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t m = task / chunks, c0 = (task % chunks) * kCols, c1 = std::min(D, c0 + kCols);
+      const bool affine = m == mod_rows;
+      for (int q = 0; q < (affine ? int(kNumAffineGrads) : int(kNumModGrads)); ++q) {
+        if (!(affine ? want.affine[q] : want.mod[q])) continue;
+        acc_t* out = affine ? p.affine_grads[q] : p.mod_grads[q] + m * D;
+        std::fill(out + c0, out + c1, acc_t(0));
+        for (int64_t i = 0; i < (affine ? blocks : per_row); ++i) {
+          const acc_t* part = affine ? p.affine_partials[q] + i * D : p.mod_partials[q] + plan.slot_of_mod_row(m, i) * D;
+          for (int64_t c = c0; c < c1; ++c) out[c] += part[c];
+        }
       }
     }
   });
