@@ -31,14 +31,30 @@ inline void row_terms(int64_t D, const T* __restrict dy, const T* __restrict x, 
                       acc_t* __restrict xh, acc_t* __restrict dxh, acc_t* __restrict dw, acc_t* __restrict db,
                       acc_t* __restrict ds, acc_t* __restrict dt) {
   for (int64_t c = 0; c < D; ++c) {
-    const acc_t dyc = static_cast<acc_t>(dy[c]);
-    xh[c] = normalize(static_cast<acc_t>(x[c]), st, K);
+    const acc_t dyc = cpu::to_acc<acc_t>(dy[c]);
+    xh[c] = normalize(cpu::to_acc<acc_t>(x[c]), st, K);
     const acc_t dn = dyc * (acc_t(1) + scale[c]);
     dxh[c] = dn * w[c];
     dw[c] += dn * xh[c];
     db[c] += dn;
     ds[c] += dyc * (xh[c] * w[c] + bias[c]);
     dt[c] += dyc;
+  }
+}
+
+// Gated rows: dh = dx (+ the gradient flowing into x_out), d_o = gate * dh, and dh * o into the
+// gate partials. Restrict-qualified for the same reason as row_terms.
+template <NormKind K, bool kExt, typename T, typename To, typename acc_t>
+inline void gated_row_grads(int64_t D, const acc_t* __restrict xh, const acc_t* __restrict dxh, acc_t rstd,
+                            acc_t mean_dxh, acc_t mean_dxh_xh, const T* __restrict dx_out, const To* __restrict o,
+                            const acc_t* __restrict gate, T* __restrict dh, To* __restrict d_o,
+                            acc_t* __restrict dg) {
+  for (int64_t c = 0; c < D; ++c) {
+    acc_t g = input_grad(dxh[c], xh[c], rstd, mean_dxh, mean_dxh_xh, K);
+    if constexpr (kExt) g += cpu::to_acc<acc_t>(dx_out[c]);
+    dh[c] = cpu::to_elem<T>(g);
+    dg[c] += g * cpu::to_acc<acc_t>(o[c]);
+    d_o[c] = cpu::to_elem<To>(g * gate[c]);
   }
 }
 
@@ -98,19 +114,15 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
         T* dxr = dx + r * D;
         if constexpr (kGated) {
           const acc_t* g = neutral.or_ones(p.gate.present() ? p.gate.row(m, G) : nullptr);
-          const T* dxo_row = dx_out ? dx_out + r * D : nullptr;
-          const To* orow = o + r * D;
-          To* dor = d_o ? d_o + r * D : nullptr;
-          for (int64_t c = 0; c < D; ++c) {
-            const acc_t ext = dxo_row ? static_cast<acc_t>(dxo_row[c]) : acc_t(0);
-            const acc_t dhn = input_grad(dxh[c], xh[c], st.rstd, mean_dxh, mean_dxh_xh, K) + ext;
-            dxr[c] = static_cast<T>(dhn);
-            dg[c] += dhn * static_cast<acc_t>(orow[c]);
-            if (dor) dor[c] = static_cast<To>(dhn * g[c]);
-          }
+          const auto grads = [&]<bool kExt>() {
+            gated_row_grads<K, kExt>(D, xh, dxh, st.rstd, mean_dxh, mean_dxh_xh, kExt ? dx_out + r * D : nullptr,
+                                     o + r * D, g, dxr, d_o + r * D, dg);
+          };
+          if (dx_out) grads.template operator()<true>();
+          else grads.template operator()<false>();
         } else {
           for (int64_t c = 0; c < D; ++c)
-            dxr[c] = static_cast<T>(input_grad(dxh[c], xh[c], st.rstd, mean_dxh, mean_dxh_xh, K));
+            dxr[c] = cpu::to_elem<T>(input_grad(dxh[c], xh[c], st.rstd, mean_dxh, mean_dxh_xh, K));
         }
       }
       flush_mod(slot);  // an empty block (varlen chunk past a short sequence) writes its zeros too

@@ -35,11 +35,11 @@ void forward_rows(const ForwardParamsT<acc_t>& p) {
         T* xo = x_out + r * D;
         // Normalize the residual stream as stored (rounded to T), exactly what the backward recomputes from.
         for (int64_t c = 0; c < D; ++c) {
-          xo[c] = static_cast<T>(static_cast<acc_t>(hr[c]) + g[c] * static_cast<acc_t>(orow[c]));
-          xr[c] = static_cast<acc_t>(xo[c]);
+          xo[c] = cpu::to_elem<T>(cpu::to_acc<acc_t>(hr[c]) + g[c] * cpu::to_acc<acc_t>(orow[c]));
+          xr[c] = cpu::to_acc<acc_t>(xo[c]);
         }
       } else {
-        for (int64_t c = 0; c < D; ++c) xr[c] = static_cast<acc_t>(hr[c]);
+        for (int64_t c = 0; c < D; ++c) xr[c] = cpu::to_acc<acc_t>(hr[c]);
       }
 
       RowStatsT<acc_t> st{acc_t(0), acc_t(0)};
@@ -57,7 +57,7 @@ void forward_rows(const ForwardParamsT<acc_t>& p) {
       const acc_t* s = neutral.or_zeros(p.scale.present() ? p.scale.row(m, G) : nullptr);
       const acc_t* t = neutral.or_zeros(p.shift.present() ? p.shift.row(m, G) : nullptr);
       T* yr = y + r * D;
-      for (int64_t c = 0; c < D; ++c) yr[c] = static_cast<T>(modulate(normalize(xr[c], st, K) * w[c] + b[c], s[c], t[c]));
+      for (int64_t c = 0; c < D; ++c) yr[c] = cpu::to_elem<T>(modulate(normalize(xr[c], st, K) * w[c] + b[c], s[c], t[c]));
     }
   });
 }

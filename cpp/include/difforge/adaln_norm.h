@@ -197,7 +197,7 @@ struct BackwardParamsT {
   DType x_dtype = DType::f32;
   DType o_dtype = DType::f32;
   void* dx = nullptr;             // [rows, dim] x_dtype: gradient of h (gated) or x
-  void* d_o = nullptr;            // [rows, dim] o_dtype; nullptr: not wanted
+  void* d_o = nullptr;            // [rows, dim] o_dtype; required when o is given
   // One buffer per quantity (the op returns each gradient as its own tensor).
   acc_t* mod_partials[kNumModGrads] = {};     // each [plan.num_slots()][dim]
   acc_t* mod_grads[kNumModGrads] = {};        // each [layout.mod_rows()][dim]; == mod_partials when plan.direct()
