@@ -25,7 +25,7 @@ struct Wanted {  // which column reductions this call produces
 // One row's x_hat and d(x_hat), and its terms of the column partials. Restrict-qualified
 // parameters: eleven pointers are past the compiler's runtime alias checks, and without the
 // promise that they do not overlap this loop would not vectorize.
-template <NormKind K, typename T, typename acc_t>
+template <NormKind K, bool kAffine, typename T, typename acc_t>
 inline void row_terms(int64_t D, const T* __restrict dy, const T* __restrict x, RowStatsT<acc_t> st,
                       const acc_t* __restrict scale, const acc_t* __restrict w, const acc_t* __restrict bias,
                       acc_t* __restrict xh, acc_t* __restrict dxh, acc_t* __restrict dw, acc_t* __restrict db,
@@ -35,8 +35,10 @@ inline void row_terms(int64_t D, const T* __restrict dy, const T* __restrict x, 
     xh[c] = normalize(cpu::to_acc<acc_t>(x[c]), st, K);
     const acc_t dn = dyc * (acc_t(1) + scale[c]);
     dxh[c] = dn * w[c];
-    dw[c] += dn * xh[c];
-    db[c] += dn;
+    if constexpr (kAffine) {  // elementwise_affine=False, the adaLN default, skips two column streams
+      dw[c] += dn * xh[c];
+      db[c] += dn;
+    }
     ds[c] += dyc * (xh[c] * w[c] + bias[c]);
     dt[c] += dyc;
   }
@@ -72,6 +74,7 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
   const cpu::Neutral<acc_t> neutral(D);
   const acc_t* w = neutral.or_ones(p.weight);
   const acc_t* bias = neutral.or_zeros(p.bias);
+  const bool affine = want.affine[kGradWeight] || want.affine[kGradBias];
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_lo, int64_t block_hi) {
     std::vector<acc_t> xh_row(D), dxh_row(D);
@@ -106,7 +109,8 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
         const T* dyr = dy + r * D;
         acc_t* xh = xh_row.data();
         acc_t* dxh = dxh_row.data();
-        row_terms<K>(D, dyr, xr, st, s, w, bias, xh, dxh, dw, db, ds, dt);
+        if (affine) row_terms<K, true>(D, dyr, xr, st, s, w, bias, xh, dxh, dw, db, ds, dt);
+        else row_terms<K, false>(D, dyr, xr, st, s, w, bias, xh, dxh, dw, db, ds, dt);
         const acc_t mean_dxh =
             K == NormKind::layer ? cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c]; }) / acc_t(D) : acc_t(0);
         const acc_t mean_dxh_xh = cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c] * xh[c]; }) / acc_t(D);
