@@ -85,51 +85,43 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
     acc_t* dg = &mod_acc[kGradGate * D];
     acc_t* dw = &affine_acc[kGradWeight * D];
     acc_t* db = &affine_acc[kGradBias * D];
-    auto flush_mod = [&](int64_t slot) {
-      for (int q = 0; q < kNumModGrads; ++q)
-        if (want.mod[q]) std::memcpy(p.mod_partials[q] + slot * D, &mod_acc[q * D], D * sizeof(acc_t));
-      std::fill(mod_acc.begin(), mod_acc.end(), acc_t(0));
-    };
-
     for (int64_t b = block_lo; b < block_hi; ++b) {
-      std::fill(mod_acc.begin(), mod_acc.end(), acc_t(0));
       std::fill(affine_acc.begin(), affine_acc.end(), acc_t(0));
-      const bool packed = plan.segments_per_block > 1;
-      int64_t slot = plan.slot(plan.first_segment(b), plan.chunk(b));
-
-      for (int64_t r = plan.block_begin(b); r < plan.block_end(b); ++r) {
-        if (packed) {
-          const int64_t row_slot = plan.slot(p.layout.segment_of_row(r), 0);
-          if (row_slot != slot) { flush_mod(slot); slot = row_slot; }
-        }
-        const int64_t m = p.layout.mod_row(r);
+      for (int64_t seg = plan.first_segment(b); seg < plan.last_segment(b); ++seg) {
+        std::fill(mod_acc.begin(), mod_acc.end(), acc_t(0));
+        const int64_t m = p.layout.mod_row_of_segment(seg);
         const acc_t* s = neutral.or_zeros(p.scale.present() ? p.scale.row(m, G) : nullptr);
-        const RowStatsT<acc_t> st{K == NormKind::layer ? p.mean[r] : acc_t(0), p.rstd[r]};
-        const T* xr = x + r * D;
-        const T* dyr = dy + r * D;
-        acc_t* xh = xh_row.data();
-        acc_t* dxh = dxh_row.data();
-        if (affine) row_terms<K, true>(D, dyr, xr, st, s, w, bias, xh, dxh, dw, db, ds, dt);
-        else row_terms<K, false>(D, dyr, xr, st, s, w, bias, xh, dxh, dw, db, ds, dt);
-        const acc_t mean_dxh =
-            K == NormKind::layer ? cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c]; }) / acc_t(D) : acc_t(0);
-        const acc_t mean_dxh_xh = cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c] * xh[c]; }) / acc_t(D);
+        const acc_t* g = neutral.or_ones(p.gate.present() ? p.gate.row(m, G) : nullptr);
+        for (int64_t r = plan.segment_rows_begin(b, seg); r < plan.segment_rows_end(b, seg); ++r) {
+          const RowStatsT<acc_t> st{K == NormKind::layer ? p.mean[r] : acc_t(0), p.rstd[r]};
+          const T* xr = x + r * D;
+          const T* dyr = dy + r * D;
+          acc_t* xh = xh_row.data();
+          acc_t* dxh = dxh_row.data();
+          if (affine) row_terms<K, true>(D, dyr, xr, st, s, w, bias, xh, dxh, dw, db, ds, dt);
+          else row_terms<K, false>(D, dyr, xr, st, s, w, bias, xh, dxh, dw, db, ds, dt);
+          const acc_t mean_dxh =
+              K == NormKind::layer ? cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c]; }) / acc_t(D) : acc_t(0);
+          const acc_t mean_dxh_xh = cpu::lane_sum<acc_t>(D, [&](int64_t c) { return dxh[c] * xh[c]; }) / acc_t(D);
 
-        T* dxr = dx + r * D;
-        if constexpr (kGated) {
-          const acc_t* g = neutral.or_ones(p.gate.present() ? p.gate.row(m, G) : nullptr);
-          const auto grads = [&]<bool kExt>() {
-            gated_row_grads<K, kExt>(D, xh, dxh, st.rstd, mean_dxh, mean_dxh_xh, kExt ? dx_out + r * D : nullptr,
-                                     o + r * D, g, dxr, d_o + r * D, dg);
-          };
-          if (dx_out) grads.template operator()<true>();
-          else grads.template operator()<false>();
-        } else {
-          for (int64_t c = 0; c < D; ++c)
-            dxr[c] = cpu::to_elem<T>(input_grad(dxh[c], xh[c], st.rstd, mean_dxh, mean_dxh_xh, K));
+          T* dxr = dx + r * D;
+          if constexpr (kGated) {
+            const auto grads = [&]<bool kExt>() {
+              gated_row_grads<K, kExt>(D, xh, dxh, st.rstd, mean_dxh, mean_dxh_xh, kExt ? dx_out + r * D : nullptr,
+                                       o + r * D, g, dxr, d_o + r * D, dg);
+            };
+            if (dx_out) grads.template operator()<true>();
+            else grads.template operator()<false>();
+          } else {
+            for (int64_t c = 0; c < D; ++c)
+              dxr[c] = cpu::to_elem<T>(input_grad(dxh[c], xh[c], st.rstd, mean_dxh, mean_dxh_xh, K));
+          }
         }
+        // Every slot is written, an empty one (a varlen chunk past a short sequence) with zeros.
+        const int64_t slot = plan.slot(seg, plan.chunk(b));
+        for (int q = 0; q < kNumModGrads; ++q)
+          if (want.mod[q]) std::memcpy(p.mod_partials[q] + slot * D, &mod_acc[q * D], D * sizeof(acc_t));
       }
-      flush_mod(slot);  // an empty block (varlen chunk past a short sequence) writes its zeros too
       for (int q = 0; q < kNumAffineGrads; ++q)
         if (want.affine[q])
           std::memcpy(p.affine_partials[q] + b * D, &affine_acc[q * D], D * sizeof(acc_t));

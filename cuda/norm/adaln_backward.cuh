@@ -127,11 +127,8 @@ __global__ void __launch_bounds__(kMaxRowThreads, row_kernel_min_ctas(NV * V * i
        blk += int64_t(gridDim.x) * g.groups) {  // block mode: one group, so the exit is CTA-uniform
     const int64_t seg_first = plan.first_segment(blk), seg_last = plan.last_segment(blk);
     const int64_t chunk = plan.chunk(blk);
-    const bool packed = plan.segments_per_block > 1;
     for (int64_t s = seg_first; s < seg_last; ++s) {
-      const int64_t r0 = packed ? L.segment_begin(s) : plan.block_begin(blk);
-      int64_t r1 = packed ? L.segment_end(s) : plan.block_end(blk);
-      if (r1 > L.rows) r1 = L.rows;
+      const int64_t r0 = plan.segment_rows_begin(blk, s), r1 = plan.segment_rows_end(blk, s);
       const int64_t m = ix.mod_row_of_segment(s);
       const float* scale_row = ix.row(p.scale, m);
       const float* gate_row = ix.row(p.gate, m);
@@ -340,11 +337,8 @@ __global__ void __launch_bounds__(kStreamThreads)
     }
     const int64_t seg_first = plan.first_segment(blk), seg_last = plan.last_segment(blk);
     const int64_t chunk = plan.chunk(blk);
-    const bool packed = plan.segments_per_block > 1;
     for (int64_t s = seg_first; s < seg_last; ++s) {
-      const int64_t r0 = packed ? L.segment_begin(s) : plan.block_begin(blk);
-      int64_t r1 = packed ? L.segment_end(s) : plan.block_end(blk);
-      if (r1 > L.rows) r1 = L.rows;
+      const int64_t r0 = plan.segment_rows_begin(blk, s), r1 = plan.segment_rows_end(blk, s);
       const int64_t m = ix.mod_row_of_segment(s);
       const float* scale = ix.row(p.scale, m);
       const float* gate = ix.row(p.gate, m);

@@ -122,6 +122,14 @@ struct ReductionPlan {
     const int64_t e = block_begin(b) + block_rows;
     return e < seg_end ? e : seg_end;
   }
+  // Rows [segment_rows_begin, segment_rows_end) of segment s in block b, s in [first_segment(b), last_segment(b)).
+  DF_INLINE int64_t segment_rows_begin(int64_t b, int64_t s) const {
+    return segments_per_block > 1 ? layout.segment_begin(s) : block_begin(b);
+  }
+  DF_INLINE int64_t segment_rows_end(int64_t b, int64_t s) const {
+    const int64_t e = segments_per_block > 1 ? layout.segment_end(s) : block_end(b);
+    return e < layout.rows ? e : layout.rows;
+  }
   DF_INLINE int64_t slot(int64_t segment, int64_t chunk_index) const {
     return segment * chunks_per_segment + chunk_index;
   }
