@@ -130,6 +130,17 @@ def ref_norm(x: torch.Tensor, norm: str, eps: float):
     raise ValueError(norm)
 
 
+def modulate(c: "Case", n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``n * (1 + scale) + shift`` with the case's modulation expanded to rows, in ``dtype``."""
+    s = expand_mod(c.scale, c.x.shape, batch_repeat=c.batch_repeat, cu_seqlens=c.cu_seqlens)
+    t = expand_mod(c.shift, c.x.shape, batch_repeat=c.batch_repeat, cu_seqlens=c.cu_seqlens)
+    if s is not None:
+        n = n * (1 + s.to(dtype))
+    if t is not None:
+        n = n + t.to(dtype)
+    return n
+
+
 def reference(case: "Case", compute: torch.dtype = torch.float64, *, round_x_out: bool = True) -> RefOut:
     """The spec's forward in ``compute`` precision (differentiable w.r.t. every tensor in ``case``).
 
@@ -154,13 +165,7 @@ def reference(case: "Case", compute: torch.dtype = torch.float64, *, round_x_out
         n = n * c.weight.to(compute)
     if c.bias is not None:
         n = n + c.bias.to(compute)
-    s = expand_mod(c.scale, c.x.shape, batch_repeat=c.batch_repeat, cu_seqlens=c.cu_seqlens)
-    t = expand_mod(c.shift, c.x.shape, batch_repeat=c.batch_repeat, cu_seqlens=c.cu_seqlens)
-    y = n
-    if s is not None:
-        y = y * (1 + s.to(compute))
-    if t is not None:
-        y = y + t.to(compute)
+    y = modulate(c, n, compute)
     rows = c.x.numel() // c.x.shape[-1] if c.x.shape[-1] else 0
     return RefOut(
         y=y,
@@ -194,13 +199,7 @@ def eager(case: "Case"):
         n = F.layer_norm(x, (D,), w, b, c.eps)
     else:
         n = F.rms_norm(x, (D,), w, c.eps)
-    s = expand_mod(c.scale, c.x.shape, batch_repeat=c.batch_repeat, cu_seqlens=c.cu_seqlens)
-    t = expand_mod(c.shift, c.x.shape, batch_repeat=c.batch_repeat, cu_seqlens=c.cu_seqlens)
-    y = n
-    if s is not None:
-        y = y * (1 + s.to(dt))
-    if t is not None:
-        y = y + t.to(dt)
+    y = modulate(c, n, dt)
     return x_out, y
 
 
