@@ -239,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const NormArgs& a, doub
   p.y = y.data_ptr();
   p.mean = a.norm == NormKind::layer ? mean.data_ptr<acc_t>() : nullptr;
   p.rstd = rstd.data_ptr<acc_t>();
-  if (a.layout.rows > 0) Kernels::forward(p);
+  Kernels::forward(p);
   return {x_out, y, mean, rstd};
 }
 
@@ -280,8 +280,7 @@ BackwardResult backward_typed(const char* op, const NormArgs& a, const Tensor& d
     p.scale = f.scale, p.shift = f.shift, p.gate = f.gate, p.weight = f.weight, p.bias = f.bias;
     p.layout = f.layout, p.dim = f.dim, p.norm = f.norm, p.x_dtype = f.x_dtype, p.o_dtype = f.o_dtype;
   }
-  // No rows: every gradient is an empty or zero tensor, and there is nothing to plan or launch.
-  const ReductionPlan plan(rows == 0 ? ModLayout{} : a.layout);
+  const ReductionPlan plan(a.layout);
   const auto acc_opts = a.x.options().dtype(a.acc);
   const int64_t mod_rows = a.layout.mod_rows();
   auto fresh = [&](int64_t n) { return rows == 0 ? at::zeros({n, D}, acc_opts) : at::empty({n, D}, acc_opts); };
@@ -314,7 +313,7 @@ BackwardResult backward_typed(const char* op, const NormArgs& a, const Tensor& d
   p.rstd = rstd_c.data_ptr<acc_t>();
   p.dx = dx.data_ptr();
   p.d_o = a.o.defined() ? d_o.data_ptr() : nullptr;
-  if (rows > 0) Kernels::backward(p);
+  Kernels::backward(p);
 
   auto mod_grad = [&](int q) {
     if (!mod_grads[q].defined()) return at::empty({0}, a.x.options());

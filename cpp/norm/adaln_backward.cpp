@@ -78,7 +78,8 @@ void backward_rows(const BackwardParamsT<acc_t>& p, const ReductionPlan& plan) {
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_lo, int64_t block_hi) {
     std::vector<acc_t> xh_row(D), dxh_row(D);
-    // Column partials; every quantity is accumulated (branch-free loops), only wanted ones are stored.
+    // Column partials: scale/shift/gate are always accumulated (branch-free loops), weight/bias only
+    // with an affine; only wanted quantities are stored.
     std::vector<acc_t> mod_acc(kNumModGrads * D), affine_acc(kNumAffineGrads * D);
     acc_t* ds = &mod_acc[kGradScale * D];
     acc_t* dt = &mod_acc[kGradShift * D];

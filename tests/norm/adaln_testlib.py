@@ -520,11 +520,3 @@ def assert_within_ulps(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
             f"{what}: {int(bad.sum())} of {bad.numel()} elements beyond {ulps} ulp; first at flat index {i}: "
             f"got {got.flatten()[i].item()!r}, oracle {ref.flatten()[i].item()!r}, tol {tol.flatten()[i].item():.3g}"
         )
-
-
-def isclose_or_both_nonfinite(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
-    return torch.isclose(got.double(), ref.double(), rtol=rtol, atol=atol, equal_nan=True)
-
-
-def numel_rows(x: torch.Tensor) -> int:
-    return math.prod(x.shape[:-1])

@@ -45,8 +45,11 @@ struct ModLayout {
   DF_INLINE bool varlen() const { return cu_seqlens != nullptr; }
   DF_INLINE int64_t mod_rows() const { return varlen() ? num_seqs : mod_batch * groups; }
   DF_INLINE int64_t num_segments() const { return varlen() ? num_seqs : ceil_div(rows, group_len); }
-  // Segments sharing one modulation row: x batch / modulation batch (batch-repeat layout).
-  DF_INLINE int64_t repeat() const { return varlen() ? 1 : num_segments() / mod_rows(); }
+  // Segments sharing one modulation row: x batch / modulation batch (batch-repeat layout);
+  // 0 for an empty per-token layout (L = G = 0), which has no modulation rows.
+  DF_INLINE int64_t repeat() const {
+    return varlen() ? 1 : mod_rows() > 0 ? num_segments() / mod_rows() : 0;
+  }
   DF_INLINE int64_t segment_begin(int64_t s) const { return varlen() ? cu_seqlens[s] : s * group_len; }
   DF_INLINE int64_t segment_end(int64_t s) const { return varlen() ? cu_seqlens[s + 1] : (s + 1) * group_len; }
   DF_INLINE int64_t mod_row_of_segment(int64_t s) const {
