@@ -85,6 +85,14 @@ struct SmemPartials {
     for (int w = 0; w < Words::kCount; ++w) reinterpret_cast<Word*>(dst)[w] = at(qi, k, w);
     zero(qi, k);
   }
+  // Writes this thread's packs of quantity qi into the [dim] row dst.
+  __device__ __forceinline__ void flush_row(int qi, float* dst, int lane, int tpr, int nvec) const {
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int j = lane + k * tpr;
+      if (j < nvec) flush(qi, k, dst + j * V);
+    }
+  }
 };
 
 // Static shared memory of the backward kernels besides the partials (row_sum scratch).
@@ -238,24 +246,14 @@ __global__ void __launch_bounds__(kMaxRowThreads, row_kernel_min_ctas(NV * V * i
 #pragma unroll
       for (int gq = 0; gq < kNumModGrads; ++gq) {
         if (q.mod[gq] < 0) continue;
-        float* dst = q.mod_dst[gq] + slot * p.dim;
-#pragma unroll
-        for (int k = 0; k < NV; ++k) {
-          const int j = g.lane + k * tpr;
-          if (j < nvec) acc.flush(q.mod[gq], k, dst + j * V);
-        }
+        acc.flush_row(q.mod[gq], q.mod_dst[gq] + slot * p.dim, g.lane, tpr, nvec);
       }
     }
 
 #pragma unroll
     for (int gq = 0; gq < kNumAffineGrads; ++gq) {
       if (q.affine[gq] < 0) continue;
-      float* dst = p.affine_partials[gq] + blk * p.dim;
-#pragma unroll
-      for (int k = 0; k < NV; ++k) {
-        const int j = g.lane + k * tpr;
-        if (j < nvec) acc.flush(q.affine[gq], k, dst + j * V);
-      }
+      acc.flush_row(q.affine[gq], p.affine_partials[gq] + blk * p.dim, g.lane, tpr, nvec);
     }
   }
 }
