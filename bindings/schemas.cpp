@@ -29,4 +29,25 @@ TORCH_LIBRARY(difforge, m) {
       "Tensor? shift, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, str norm, int batch_repeat, "
       "Tensor? cu_seqlens, int max_seqlen) "
       "-> (Tensor dx, Tensor do, Tensor dgate, Tensor dscale, Tensor dshift, Tensor dweight, Tensor dbias)");
+
+  // ---- attention: flash attention (cpp/include/difforge/attention.h has the exact math) ----------------
+  // Batch layout q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D]; varlen (cu_seqlens_q/k int32 [B+1] given) packed
+  // q [total_q, Hq, D], k/v [total_k, Hkv, D]. Hkv | Hq (GQA). Last stride 1, other strides free.
+  // scale None: 1/sqrt(D). causal: bottom-right aligned (key j visible to query i iff j <= i + Lk - Lq).
+  // max_seqlen_q/k: longest sequence when known (0: computed from cu_seqlens). seqused_k int32 [B]: keys
+  // of sequence b are its first seqused_k[b]. bias_q [.., Lq, Hq, R] / bias_k [.., Lk, Hkv, R] (both or
+  // neither) add sum_r bias_q[i, r] * bias_k[j, r] to logit (i, j). Returns (out in q's layout and dtype,
+  // contiguous; lse fp32 (fp64 for fp64) [B, Hq, Lq] or [Hq, total_q]); a row without visible keys has
+  // out 0, lse -inf.
+  m.def(
+      "flash_attention(Tensor q, Tensor k, Tensor v, float? scale, bool causal, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? seqused_k, Tensor? bias_q, "
+      "Tensor? bias_k) -> (Tensor out, Tensor lse)");
+  // Gradients of flash_attention given dout (and optionally dlse) and its (out, lse). dq, dk, dv, dbias_q,
+  // dbias_k in their inputs' shapes and dtypes (dbias_* empty without a bias). dk/dv are deterministic.
+  m.def(
+      "flash_attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "float? scale, bool causal, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, Tensor? seqused_k, Tensor? bias_q, Tensor? bias_k) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias_q, Tensor dbias_k)");
 }
