@@ -27,6 +27,8 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def _throughput(record: Record) -> str:
     if record.TFLOPs is not None:
+        if record.TFLOPs < 1.0:  # CPUs: GFLOP/s keeps the digits that ",.1f" TFLOP/s would round to 0.0
+            return _fmt(record.TFLOPs * 1e3, ",.1f", " GFLOP/s")
         return _fmt(record.TFLOPs, ",.1f", " TFLOP/s")
     return _fmt(record.GBps, ",.1f", " GB/s")
 
