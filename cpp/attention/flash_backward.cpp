@@ -11,6 +11,7 @@
 
 #include "attention/flash_cpu.h"
 #include "attention/kv_pack.h"
+#include "attention/tile_gemm.h"
 #include "attention/tile_math.h"
 
 namespace difforge::attention {
@@ -21,17 +22,17 @@ using cpu::kBlockQ;
 
 template <typename acc_t>
 struct BackwardScratch {
-  std::vector<acc_t> q_aug, dout, probs, dlogits, transposed, dq_aug, delta, lse;
+  std::vector<acc_t> q_aug, dout, probs, dlogits, dq_aug, delta, lse;
   BackwardScratch(int64_t E, int64_t D)
       : q_aug(kBlockQ * E), dout(kBlockQ * D), probs(kBlockQ * kBlockK), dlogits(kBlockQ * kBlockK),
-        transposed(kBlockK * kBlockQ), dq_aug(kBlockQ * E), delta(kBlockQ), lse(kBlockQ) {}
+        dq_aug(kBlockQ * E), delta(kBlockQ), lse(kBlockQ) {}
 };
 
-// Packed keys of a chunk per group (n keys): k_aug^T [E, n], k_aug [n, E], v^T [D, n]; and the
-// per-query-head partial gradients [n, group_size, E] (dk_aug) and [n, group_size, D] (dv).
+// Packed keys of a chunk per group (n keys): k_aug [n, E], v [n, D]; and the per-query-head partial
+// gradients [n, group_size, E] (dk_aug) and [n, group_size, D] (dv).
 template <typename acc_t>
 struct BackwardPack {
-  std::vector<acc_t> keys_t, keys, values_t, dkeys, dvalues;
+  std::vector<acc_t> keys, values, dkeys, dvalues;
 };
 
 template <typename T, typename acc_t>
@@ -39,28 +40,18 @@ void pack_chunk(const BackwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, B
   const ForwardParamsT<acc_t>& f = p.fwd;
   const Problem& pr = f.problem;
   const int64_t D = pr.head_dim, E = D + pr.bias_rank, G = pr.group_size(), n_all = chunk.keys();
-  pack.keys_t.resize(E * n_all);
   pack.keys.resize(E * n_all);
-  pack.values_t.resize(D * n_all);
+  pack.values.resize(D * n_all);
   pack.dkeys.assign(G * E * n_all, acc_t(0));
   pack.dvalues.assign(G * D * n_all, acc_t(0));
   at::parallel_for(chunk.first, chunk.last, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
       const int64_t n = pr.k_len(b);
-      const bool bias = f.bias.present();
-      cpu::pack_keys<T>(f, f.k, f.k_strides, b, hkv, n, bias, true, pack.keys_t.data() + E * off);
-      cpu::pack_keys<T>(f, f.k, f.k_strides, b, hkv, n, bias, false, pack.keys.data() + E * off);
-      cpu::pack_keys<T>(f, f.v, f.v_strides, b, hkv, n, false, true, pack.values_t.data() + D * off);
+      cpu::pack_keys<T>(f, f.k, f.k_strides, b, hkv, n, f.bias.present(), pack.keys.data() + E * off);
+      cpu::pack_keys<T>(f, f.v, f.v_strides, b, hkv, n, false, pack.values.data() + D * off);
     }
   });
-}
-
-// Copies a [rows, cols] tile (leading dimension ld_src) to its transpose [cols, rows] (ld_dst).
-template <typename acc_t>
-void transpose_tile(int64_t rows, int64_t cols, const acc_t* src, int64_t ld_src, acc_t* dst, int64_t ld_dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
 // Loads dO (acc_t), lse and delta = rowsum(dO * O) - dlse of query rows [i0, i0 + rows).
@@ -92,9 +83,8 @@ void backward_head(const BackwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk
   const int64_t b = g / pr.heads_kv, local_head = h % G;
   const int64_t q_len = pr.q_len(b), k_len = pr.k_len(b);
   const int64_t off = chunk.key_offset[g - chunk.first];
-  const acc_t* keys_t = pack.keys_t.data() + E * off;
   const acc_t* keys = pack.keys.data() + E * off;
-  const acc_t* values_t = pack.values_t.data() + D * off;
+  const acc_t* values = pack.values.data() + D * off;
   acc_t* dkeys = pack.dkeys.data() + (off * G + local_head) * E;  // row j at dkeys + j * G * E
   acc_t* dvalues = pack.dvalues.data() + (off * G + local_head) * D;
 
@@ -107,7 +97,8 @@ void backward_head(const BackwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk
 
     for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, n_keys - j0);
-      cpu::tile_gemm<acc_t>(rows, nk, E, s.q_aug.data(), E, keys_t + j0, k_len, s.probs.data(), kBlockK, false);
+      cpu::tile_gemm<acc_t>(rows, nk, E, {s.q_aug.data(), E}, {keys + j0 * E, E, true}, s.probs.data(), kBlockK,
+                            false);
       for (int64_t r = 0; r < rows; ++r) {
         acc_t* prob = s.probs.data() + r * kBlockK;
         const int64_t visible = std::clamp<int64_t>(key_end(i0 + r, q_len, k_len, pr.causal) - j0, 0, nk);
@@ -120,21 +111,20 @@ void backward_head(const BackwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk
         std::fill(prob + visible, prob + nk, acc_t(0));
       }
       // dV += P^T dO
-      transpose_tile(rows, nk, s.probs.data(), kBlockK, s.transposed.data(), kBlockQ);
-      cpu::tile_gemm<acc_t>(nk, D, rows, s.transposed.data(), kBlockQ, s.dout.data(), D, dvalues + j0 * G * D,
+      cpu::tile_gemm<acc_t>(nk, D, rows, {s.probs.data(), kBlockK, true}, {s.dout.data(), D}, dvalues + j0 * G * D,
                             G * D, true);
       // dS = P * (dO V^T - delta)
-      cpu::tile_gemm<acc_t>(rows, nk, D, s.dout.data(), D, values_t + j0, k_len, s.dlogits.data(), kBlockK, false);
+      cpu::tile_gemm<acc_t>(rows, nk, D, {s.dout.data(), D}, {values + j0 * D, D, true}, s.dlogits.data(), kBlockK,
+                            false);
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t* prob = s.probs.data() + r * kBlockK;
         acc_t* ds = s.dlogits.data() + r * kBlockK;
         for (int64_t j = 0; j < nk; ++j) ds[j] = prob[j] * (ds[j] - s.delta[r]);
       }
       // dq_aug += dS k_aug;  dk_aug += dS^T q_aug
-      cpu::tile_gemm<acc_t>(rows, E, nk, s.dlogits.data(), kBlockK, keys + j0 * E, E, s.dq_aug.data(), E, true);
-      transpose_tile(rows, nk, s.dlogits.data(), kBlockK, s.transposed.data(), kBlockQ);
-      cpu::tile_gemm<acc_t>(nk, E, rows, s.transposed.data(), kBlockQ, s.q_aug.data(), E, dkeys + j0 * G * E, G * E,
-                            true);
+      cpu::tile_gemm<acc_t>(rows, E, nk, {s.dlogits.data(), kBlockK}, {keys + j0 * E, E}, s.dq_aug.data(), E, true);
+      cpu::tile_gemm<acc_t>(nk, E, rows, {s.dlogits.data(), kBlockK, true}, {s.q_aug.data(), E}, dkeys + j0 * G * E,
+                            G * E, true);
     }
 
     T* dq = static_cast<T*>(p.dq);
@@ -189,7 +179,7 @@ void flash_backward_cpu(const BackwardParamsT<acc_t>& p) {
   difforge::cpu::dispatch_float(pr.dtype, [&]<typename T>() {
     if constexpr (std::is_same_v<acc_t, difforge::cpu::acc_type<T>>) {
       BackwardPack<acc_t> pack;
-      const int64_t bytes_per_key = (2 * E + D + G * (E + D)) * sizeof(acc_t);
+      const int64_t bytes_per_key = (E + D + G * (E + D)) * sizeof(acc_t);
       const auto tasks_of = [&](int64_t) { return G; };
       for (const cpu::GroupChunk& chunk : cpu::chunk_groups(pr, bytes_per_key, tasks_of)) {
         pack_chunk<T>(p, chunk, pack);

@@ -7,6 +7,7 @@
 
 #include "attention/flash_cpu.h"
 #include "attention/kv_pack.h"
+#include "attention/tile_gemm.h"
 #include "attention/tile_math.h"
 
 namespace difforge::attention {
@@ -23,24 +24,24 @@ struct ForwardScratch {
       : q_aug(kBlockQ * E), logits(kBlockQ * kBlockK), acc(kBlockQ * D), softmax(kBlockQ) {}
 };
 
-// Packed keys of a chunk: k_aug^T [E, n] and v [n, D] per group, n = the group's visible key count.
+// Packed keys of a chunk: k_aug [n, E] and v [n, D] per group, n = the group's visible key count.
 template <typename acc_t>
 struct ForwardPack {
-  std::vector<acc_t> keys_t, values;
+  std::vector<acc_t> keys, values;
 };
 
 template <typename T, typename acc_t>
 void pack_chunk(const ForwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, ForwardPack<acc_t>& pack) {
   const Problem& pr = p.problem;
   const int64_t D = pr.head_dim, E = D + pr.bias_rank;
-  pack.keys_t.resize(E * chunk.keys());
+  pack.keys.resize(E * chunk.keys());
   pack.values.resize(D * chunk.keys());
   at::parallel_for(chunk.first, chunk.last, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
       const int64_t n = pr.k_len(b);
-      cpu::pack_keys<T>(p, p.k, p.k_strides, b, hkv, n, p.bias.present(), true, pack.keys_t.data() + E * off);
-      cpu::pack_keys<T>(p, p.v, p.v_strides, b, hkv, n, false, false, pack.values.data() + D * off);
+      cpu::pack_keys<T>(p, p.k, p.k_strides, b, hkv, n, p.bias.present(), pack.keys.data() + E * off);
+      cpu::pack_keys<T>(p, p.v, p.v_strides, b, hkv, n, false, pack.values.data() + D * off);
     }
   });
 }
@@ -55,7 +56,7 @@ void attend_block(const ForwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, 
   const int64_t rows = std::min(kBlockQ, q_len - i0);
   const int64_t n_keys = key_end(i0 + rows - 1, q_len, k_len, pr.causal);  // the block's last row sees the most
   const int64_t off = chunk.key_offset[blk.group - chunk.first];
-  const acc_t* keys_t = pack.keys_t.data() + E * off;
+  const acc_t* keys = pack.keys.data() + E * off;
   const acc_t* values = pack.values.data() + D * off;
 
   cpu::pack_queries<T>(p, b, h, i0, rows, s.q_aug.data());
@@ -64,8 +65,8 @@ void attend_block(const ForwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, 
 
   for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, n_keys - j0);
-    cpu::tile_gemm<acc_t>(rows, nk, E, s.q_aug.data(), E, keys_t + j0, k_len, s.logits.data(),
-                          kBlockK, false);
+    cpu::tile_gemm<acc_t>(rows, nk, E, {s.q_aug.data(), E}, {keys + j0 * E, E, true}, s.logits.data(), kBlockK,
+                          false);
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* logit = s.logits.data() + r * kBlockK;
       const int64_t visible = key_end(i0 + r, q_len, k_len, pr.causal) - j0;
@@ -76,7 +77,7 @@ void attend_block(const ForwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, 
         for (int64_t c = 0; c < D; ++c) o[c] *= rescale;
       }
     }
-    cpu::tile_gemm<acc_t>(rows, D, nk, s.logits.data(), kBlockK, values + j0 * D, D, s.acc.data(), D, true);
+    cpu::tile_gemm<acc_t>(rows, D, nk, {s.logits.data(), kBlockK}, {values + j0 * D, D}, s.acc.data(), D, true);
   }
 
   T* out = static_cast<T*>(p.out);

@@ -18,7 +18,7 @@
 
 namespace difforge::attention::cpu {
 
-// Keys and query rows per tile. 64 x 256 fp32 logits (64 KiB) plus the k/v tiles stay in L2.
+// Query rows and keys per tile (the sizes ATen's CPU flash attention uses for long sequences).
 inline constexpr int64_t kBlockQ = 256;
 inline constexpr int64_t kBlockK = 512;
 // Packed copies are made per chunk of kv groups: a chunk grows until it holds enough tasks to keep
@@ -61,22 +61,19 @@ inline std::vector<GroupChunk> chunk_groups(const Problem& pr, int64_t bytes_per
   return chunks;
 }
 
-// Converts the first n keys of group (b, hkv) to acc_t: channel c < D of key j from x (k or v),
-// channel D + r from bias_k when with_bias. Row-major [n, width] or, transposed, [width, n].
+// Converts the first n keys of group (b, hkv) to acc_t rows [n, width]: channel c < D of key j from x
+// (k or v), channel D + r from bias_k when with_bias.
 template <typename T, typename acc_t>
 inline void pack_keys(const ForwardParamsT<acc_t>& p, const void* x, const Strides& st, int64_t b, int64_t hkv,
-                      int64_t n, bool with_bias, bool transposed, acc_t* dst) {
+                      int64_t n, bool with_bias, acc_t* dst) {
   const Problem& pr = p.problem;
   const int64_t D = pr.head_dim, R = with_bias ? pr.bias_rank : 0, width = D + R;
   for (int64_t j = 0; j < n; ++j) {
     const T* row = static_cast<const T*>(x) + st.offset(b, pr.k_begin(b) + j, hkv);
-    const acc_t* feat = with_bias ? p.bias.k + (pr.k_row(b, j) * pr.heads_kv + hkv) * R : nullptr;
-    if (transposed) {
-      for (int64_t c = 0; c < D; ++c) dst[c * n + j] = difforge::cpu::to_acc<acc_t>(row[c]);
-      for (int64_t r = 0; r < R; ++r) dst[(D + r) * n + j] = feat[r];
-    } else {
-      acc_t* out = dst + j * width;
-      for (int64_t c = 0; c < D; ++c) out[c] = difforge::cpu::to_acc<acc_t>(row[c]);
+    acc_t* out = dst + j * width;
+    for (int64_t c = 0; c < D; ++c) out[c] = difforge::cpu::to_acc<acc_t>(row[c]);
+    if (R > 0) {
+      const acc_t* feat = p.bias.k + (pr.k_row(b, j) * pr.heads_kv + hkv) * R;
       for (int64_t r = 0; r < R; ++r) out[D + r] = feat[r];
     }
   }

@@ -1,8 +1,6 @@
-// Tile-level building blocks of the CPU flash attention kernels: a small GEMM, a vectorizable exp,
-// and the online-softmax row update. acc_t is float (fp32/fp16/bf16 inputs) or double (fp64 inputs).
+// Row math of the CPU flash attention tiles: a vectorizable exp and the online-softmax row update.
+// acc_t is float (fp32/fp16/bf16 inputs) or double (fp64 inputs).
 #pragma once
-
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <bit>
@@ -12,34 +10,6 @@
 #include <type_traits>
 
 namespace difforge::attention::cpu {
-
-// C[M, N] (+)= A[M, K] @ B[K, N], row-major with leading dimensions. fp32 goes to ATen's CPU BLAS
-// (MKL / oneDNN where torch has them); fp64 exists for gradcheck and uses a plain loop.
-template <typename acc_t>
-inline void tile_gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb,
-                      acc_t* C, int64_t ldc, bool accumulate) {
-  if (M == 0 || N == 0) return;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (K == 0) {
-      if (!accumulate)
-        for (int64_t i = 0; i < M; ++i)
-          for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = 0;
-      return;
-    }
-    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
-  } else {
-    for (int64_t i = 0; i < M; ++i) {
-      acc_t* c = C + i * ldc;
-      if (!accumulate)
-        for (int64_t j = 0; j < N; ++j) c[j] = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t a = A[i * lda + k];
-        const acc_t* b = B + k * ldb;
-        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-      }
-    }
-  }
-}
 
 // exp(x) for x <= 0 (softmax numerators), branch-free so loops over a row vectorize: Cody-Waite
 // reduction x = n ln2 + r, a degree-6 polynomial on |r| <= ln2/2 (relative error < 2e-7), and 2^n
