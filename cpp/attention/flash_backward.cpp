@@ -44,13 +44,11 @@ void pack_chunk(const BackwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, B
   pack.values.resize(D * n_all);
   pack.dkeys.assign(G * E * n_all, acc_t(0));
   pack.dvalues.assign(G * D * n_all, acc_t(0));
-  at::parallel_for(chunk.first, chunk.last, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
-      const int64_t n = pr.k_len(b);
-      cpu::pack_keys<T>(f, f.k, f.k_strides, b, hkv, n, f.bias.present(), pack.keys.data() + E * off);
-      cpu::pack_keys<T>(f, f.v, f.v_strides, b, hkv, n, false, pack.values.data() + D * off);
-    }
+  const auto k_len = [&](int64_t b) { return pr.k_len(b); };
+  cpu::parallel_key_slabs(pr, chunk, k_len, [&](int64_t g, int64_t j_begin, int64_t j_end) {
+    const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
+    cpu::pack_keys<T>(f, f.k, f.k_strides, b, hkv, j_begin, j_end, f.bias.present(), pack.keys.data() + E * off);
+    cpu::pack_keys<T>(f, f.v, f.v_strides, b, hkv, j_begin, j_end, false, pack.values.data() + D * off);
   });
 }
 
@@ -143,29 +141,28 @@ template <typename T, typename acc_t>
 void reduce_kv_grads(const BackwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, const BackwardPack<acc_t>& pack) {
   const Problem& pr = p.fwd.problem;
   const int64_t D = pr.head_dim, R = pr.bias_rank, E = D + R, G = pr.group_size();
-  at::parallel_for(chunk.first, chunk.last, 1, [&](int64_t begin, int64_t end) {
+  const auto k_stored = [&](int64_t b) { return pr.k_stored(b); };
+  cpu::parallel_key_slabs(pr, chunk, k_stored, [&](int64_t g, int64_t j_begin, int64_t j_end) {
     std::vector<acc_t> dk(E), dv(D);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
-      const int64_t k_len = pr.k_len(b);
-      for (int64_t j = 0; j < pr.k_stored(b); ++j) {
-        std::fill(dk.begin(), dk.end(), acc_t(0));
-        std::fill(dv.begin(), dv.end(), acc_t(0));
-        for (int64_t l = 0; j < k_len && l < G; ++l) {
-          const acc_t* pk = pack.dkeys.data() + ((off + j) * G + l) * E;
-          const acc_t* pv = pack.dvalues.data() + ((off + j) * G + l) * D;
-          for (int64_t c = 0; c < E; ++c) dk[c] += pk[c];
-          for (int64_t c = 0; c < D; ++c) dv[c] += pv[c];
-        }
-        const int64_t row = pr.k_row(b, j) * pr.heads_kv + hkv;
-        T* dk_out = static_cast<T*>(p.dk) + row * D;
-        T* dv_out = static_cast<T*>(p.dv) + row * D;
-        for (int64_t c = 0; c < D; ++c) {
-          dk_out[c] = difforge::cpu::to_elem<T>(dk[c]);
-          dv_out[c] = difforge::cpu::to_elem<T>(dv[c]);
-        }
-        for (int64_t c = 0; c < R; ++c) p.dbias_k[row * R + c] = dk[D + c];
+    const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
+    const int64_t k_len = pr.k_len(b);
+    for (int64_t j = j_begin; j < j_end; ++j) {
+      std::fill(dk.begin(), dk.end(), acc_t(0));
+      std::fill(dv.begin(), dv.end(), acc_t(0));
+      for (int64_t l = 0; j < k_len && l < G; ++l) {
+        const acc_t* pk = pack.dkeys.data() + ((off + j) * G + l) * E;
+        const acc_t* pv = pack.dvalues.data() + ((off + j) * G + l) * D;
+        for (int64_t c = 0; c < E; ++c) dk[c] += pk[c];
+        for (int64_t c = 0; c < D; ++c) dv[c] += pv[c];
       }
+      const int64_t row = pr.k_row(b, j) * pr.heads_kv + hkv;
+      T* dk_out = static_cast<T*>(p.dk) + row * D;
+      T* dv_out = static_cast<T*>(p.dv) + row * D;
+      for (int64_t c = 0; c < D; ++c) {
+        dk_out[c] = difforge::cpu::to_elem<T>(dk[c]);
+        dv_out[c] = difforge::cpu::to_elem<T>(dv[c]);
+      }
+      for (int64_t c = 0; c < R; ++c) p.dbias_k[row * R + c] = dk[D + c];
     }
   });
 }

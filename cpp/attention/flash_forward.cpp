@@ -1,4 +1,4 @@
-// CPU flash attention forward: per (sequence, query head, block of kBlockQ query rows), stream the
+// CPU flash attention forward: per (sequence, query head, block of query rows), stream the
 // visible keys in tiles of kBlockK: S = q_aug k_aug^T (one GEMM, bias included), online softmax,
 // O += P V (one GEMM). Memory beyond the inputs: the packed keys/values of one chunk of kv groups
 // plus one tile set per thread.
@@ -36,13 +36,11 @@ void pack_chunk(const ForwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, Fo
   const int64_t D = pr.head_dim, E = D + pr.bias_rank;
   pack.keys.resize(E * chunk.keys());
   pack.values.resize(D * chunk.keys());
-  at::parallel_for(chunk.first, chunk.last, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
-      const int64_t n = pr.k_len(b);
-      cpu::pack_keys<T>(p, p.k, p.k_strides, b, hkv, n, p.bias.present(), pack.keys.data() + E * off);
-      cpu::pack_keys<T>(p, p.v, p.v_strides, b, hkv, n, false, pack.values.data() + D * off);
-    }
+  const auto k_len = [&](int64_t b) { return pr.k_len(b); };
+  cpu::parallel_key_slabs(pr, chunk, k_len, [&](int64_t g, int64_t j_begin, int64_t j_end) {
+    const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
+    cpu::pack_keys<T>(p, p.k, p.k_strides, b, hkv, j_begin, j_end, p.bias.present(), pack.keys.data() + E * off);
+    cpu::pack_keys<T>(p, p.v, p.v_strides, b, hkv, j_begin, j_end, false, pack.values.data() + D * off);
   });
 }
 
@@ -53,7 +51,7 @@ void attend_block(const ForwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, 
   const int64_t D = pr.head_dim, E = D + pr.bias_rank;
   const int64_t b = blk.group / pr.heads_kv, h = blk.head, i0 = blk.i0;
   const int64_t q_len = pr.q_len(b), k_len = pr.k_len(b);
-  const int64_t rows = std::min(kBlockQ, q_len - i0);
+  const int64_t rows = blk.rows;
   const int64_t n_keys = key_end(i0 + rows - 1, q_len, k_len, pr.causal);  // the block's last row sees the most
   const int64_t off = chunk.key_offset[blk.group - chunk.first];
   const acc_t* keys = pack.keys.data() + E * off;
@@ -100,10 +98,11 @@ void flash_forward_cpu(const ForwardParamsT<acc_t>& p) {
   difforge::cpu::dispatch_float(pr.dtype, [&]<typename T>() {
     if constexpr (std::is_same_v<acc_t, difforge::cpu::acc_type<T>>) {
       ForwardPack<acc_t> pack;
-      const auto tasks_of = [&](int64_t b) { return pr.group_size() * ceil_div(pr.q_len(b), kBlockQ); };
+      const int64_t block_q = cpu::query_block_size(pr);
+      const auto tasks_of = [&](int64_t b) { return pr.group_size() * ceil_div(pr.q_len(b), block_q); };
       for (const cpu::GroupChunk& chunk : cpu::chunk_groups(pr, (E + D) * sizeof(acc_t), tasks_of)) {
         pack_chunk<T>(p, chunk, pack);
-        const std::vector<cpu::QueryBlock> blocks = cpu::query_blocks(pr, chunk, kBlockQ);
+        const std::vector<cpu::QueryBlock> blocks = cpu::query_blocks(pr, chunk, block_q);
         cpu::parallel_tasks(
             static_cast<int64_t>(blocks.size()), [&] { return ForwardScratch<acc_t>(E, D); },
             [&](int64_t t, ForwardScratch<acc_t>& s) { attend_block<T>(p, chunk, pack, blocks[t], s); });

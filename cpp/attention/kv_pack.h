@@ -61,14 +61,14 @@ inline std::vector<GroupChunk> chunk_groups(const Problem& pr, int64_t bytes_per
   return chunks;
 }
 
-// Converts the first n keys of group (b, hkv) to acc_t rows [n, width]: channel c < D of key j from x
-// (k or v), channel D + r from bias_k when with_bias.
+// Converts keys [j_begin, j_end) of group (b, hkv) to acc_t rows of width D (+ R with_bias) at
+// dst + j * width: channel c < D of key j from x (k or v), channel D + r from bias_k.
 template <typename T, typename acc_t>
 inline void pack_keys(const ForwardParamsT<acc_t>& p, const void* x, const Strides& st, int64_t b, int64_t hkv,
-                      int64_t n, bool with_bias, acc_t* dst) {
+                      int64_t j_begin, int64_t j_end, bool with_bias, acc_t* dst) {
   const Problem& pr = p.problem;
   const int64_t D = pr.head_dim, R = with_bias ? pr.bias_rank : 0, width = D + R;
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = j_begin; j < j_end; ++j) {
     const T* row = static_cast<const T*>(x) + st.offset(b, pr.k_begin(b) + j, hkv);
     acc_t* out = dst + j * width;
     for (int64_t c = 0; c < D; ++c) out[c] = difforge::cpu::to_acc<acc_t>(row[c]);
@@ -77,6 +77,22 @@ inline void pack_keys(const ForwardParamsT<acc_t>& p, const void* x, const Strid
       for (int64_t r = 0; r < R; ++r) out[D + r] = feat[r];
     }
   }
+}
+
+// Runs f(g, j_begin, j_end) in parallel over slabs of keys [0, keys_of(b)) of every group g of the
+// chunk: a chunk may be one long sequence, so splitting by group alone would leave threads idle.
+template <typename KeysOf, typename F>
+inline void parallel_key_slabs(const Problem& pr, const GroupChunk& chunk, KeysOf&& keys_of, F&& f) {
+  constexpr int64_t kSlab = 256;
+  std::vector<std::pair<int64_t, int64_t>> slabs;  // (group, first key)
+  for (int64_t g = chunk.first; g < chunk.last; ++g)
+    for (int64_t j = 0; j < keys_of(g / pr.heads_kv); j += kSlab) slabs.emplace_back(g, j);
+  at::parallel_for(0, static_cast<int64_t>(slabs.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const auto [g, j] = slabs[s];
+      f(g, j, std::min(j + kSlab, keys_of(g / pr.heads_kv)));
+    }
+  });
 }
 
 // Converts query rows [i0, i0 + rows) of sequence b, head h to q_aug = [scale * q, bias_q] ([rows, E]).
@@ -100,8 +116,14 @@ inline void pack_queries(const ForwardParamsT<acc_t>& p, int64_t b, int64_t h, i
 // Work items of one chunk: (group, query head of the group, first query row), heaviest first
 // (causal rows late in a sequence see the most keys), so dynamic scheduling ends evenly.
 struct QueryBlock {
-  int64_t group, head, i0, cost;
+  int64_t group, head, i0, rows, cost;
 };
+
+// Query rows per work item: kBlockQ for long sequences, fewer for short ones so that they still
+// yield a task per thread (ATen's CPU flash attention makes the same choice).
+inline int64_t query_block_size(const Problem& pr) {
+  return pr.seqlen_q >= 768 ? kBlockQ : (pr.seqlen_q >= 192 ? 64 : 32);
+}
 
 inline std::vector<QueryBlock> query_blocks(const Problem& pr, const GroupChunk& chunk, int64_t block_q) {
   std::vector<QueryBlock> blocks;
@@ -109,9 +131,10 @@ inline std::vector<QueryBlock> query_blocks(const Problem& pr, const GroupChunk&
     const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv;
     const int64_t q_len = pr.q_len(b), k_len = pr.k_len(b);
     for (int64_t i0 = 0; i0 < q_len; i0 += block_q) {
-      const int64_t last = std::min(i0 + block_q, q_len) - 1;
-      const int64_t cost = (last - i0 + 1) * (key_end(last, q_len, k_len, pr.causal) + 1);
-      for (int64_t h = hkv * pr.group_size(); h < (hkv + 1) * pr.group_size(); ++h) blocks.push_back({g, h, i0, cost});
+      const int64_t rows = std::min(block_q, q_len - i0);
+      const int64_t cost = rows * (key_end(i0 + rows - 1, q_len, k_len, pr.causal) + 1);
+      for (int64_t h = hkv * pr.group_size(); h < (hkv + 1) * pr.group_size(); ++h)
+        blocks.push_back({g, h, i0, rows, cost});
     }
   }
   std::stable_sort(blocks.begin(), blocks.end(),

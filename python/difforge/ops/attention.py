@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difforge.ops._autograd import forbid_double_backward
+
 _ops = torch.ops.difforge
 
 
@@ -48,12 +50,13 @@ def flash_attention(
             (never an ``Lq x Lk`` tensor). The quantized KV cache uses it for the Jensen correction.
 
     Returns:
-        ``(out, lse)``: out in q's shape and dtype; lse float32 (float64 for float64 inputs) ``[B, Hq, Lq]`` (``[Hq, total_q]`` when
-        packed), the natural-log partition function of each row. A row with no visible key (causal with
-        ``Lq > Lk``, or ``seqused_k`` 0) gets out 0 and lse ``-inf``.
+        ``(out, lse)``: out in q's shape and dtype; lse float32 (float64 for float64 inputs)
+        ``[B, Hq, Lq]`` (``[Hq, total_q]`` when packed), the natural-log partition function of each row.
+        A row with no visible key (causal with ``Lq > Lk``, or ``seqused_k`` 0) gets out 0 and lse ``-inf``.
 
-    Differentiable in q, k, v and both bias features (through out and lse) through the registered backward op. The CPU
-    kernels work in fp32 tiles (memory O(L * D) beyond the inputs); dk and dv are deterministic.
+    Differentiable in q, k, v and both bias features (through out and lse) through the registered
+    backward op. The CPU kernels work in fp32 tiles (memory O(L * D) beyond the inputs); dk and dv are
+    deterministic.
     """
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("flash_attention: give both cu_seqlens_q and cu_seqlens_k, or neither")
@@ -101,8 +104,9 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, seqused_k, bias_q, bias_k = ctx.saved_tensors
     dq, dk, dv, dbias_q, dbias_k = _ops.flash_attention_backward(
-        dout, dlse, q, k, v, out, lse, ctx.scale, ctx.causal, cu_q, cu_k, ctx.max_q, ctx.max_k, seqused_k, bias_q, bias_k
-    )
+        dout, dlse, q, k, v, out, lse, ctx.scale, ctx.causal, cu_q, cu_k, ctx.max_q, ctx.max_k, seqused_k,
+        bias_q, bias_k,
+    )  # fmt: skip
     need = ctx.needs_input_grad
     return (
         dq if need[0] else None,
@@ -117,14 +121,4 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("difforge::flash_attention", _backward, setup_context=_setup)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("difforge: double backward through flash_attention is not supported")
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
-
-
-torch.library.register_autograd(
-    "difforge::flash_attention_backward", _no_double_backward, setup_context=_setup_nothing
-)
+forbid_double_backward("difforge::flash_attention_backward", "flash_attention")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difforge.ops._autograd import forbid_double_backward
+
 _ops = torch.ops.difforge
 _NORMS = ("layernorm", "rmsnorm")
 
@@ -171,14 +173,4 @@ torch.library.register_autograd("difforge::adaln_modulate", _backward_adaln, set
 torch.library.register_autograd("difforge::gated_adaln_modulate", _backward_gated, setup_context=_setup_gated)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("difforge: double backward through adaln_modulate / gated_adaln_modulate is not supported")
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
-
-
-torch.library.register_autograd(
-    "difforge::adaln_modulate_backward", _no_double_backward, setup_context=_setup_nothing
-)
+forbid_double_backward("difforge::adaln_modulate_backward", "adaln_modulate / gated_adaln_modulate")
