@@ -14,6 +14,7 @@
 #include <string>
 #include <tuple>
 
+#include "dtype.h"
 #include "difforge/attention.h"
 
 namespace difforge::attention::binding {
@@ -21,15 +22,7 @@ namespace difforge::attention::binding {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-inline DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    case at::kDouble: return DType::f64;
-    default: TORCH_CHECK(false, "unreachable dtype");
-  }
-}
+using difforge::binding::to_dtype;
 
 inline Strides strides_of(const Tensor& t, bool varlen) {
   if (varlen) return {0, t.stride(0), t.stride(1)};

@@ -14,6 +14,7 @@
 #include <string>
 #include <tuple>
 
+#include "dtype.h"
 #include "difforge/adaln_norm.h"
 
 namespace difforge::norm::binding {
@@ -21,15 +22,7 @@ namespace difforge::norm::binding {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-inline DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::f32;
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    case at::kDouble: return DType::f64;
-    default: TORCH_CHECK(false, "unreachable dtype");
-  }
-}
+using difforge::binding::to_dtype;
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;

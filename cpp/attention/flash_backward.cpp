@@ -40,16 +40,9 @@ void pack_chunk(const BackwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, B
   const ForwardParamsT<acc_t>& f = p.fwd;
   const Problem& pr = f.problem;
   const int64_t D = pr.head_dim, E = D + pr.bias_rank, G = pr.group_size(), n_all = chunk.keys();
-  pack.keys.resize(E * n_all);
-  pack.values.resize(D * n_all);
+  cpu::pack_kv<T>(f, chunk, pack.keys, pack.values);
   pack.dkeys.assign(G * E * n_all, acc_t(0));
   pack.dvalues.assign(G * D * n_all, acc_t(0));
-  const auto k_len = [&](int64_t b) { return pr.k_len(b); };
-  cpu::parallel_key_slabs(pr, chunk, k_len, [&](int64_t g, int64_t j_begin, int64_t j_end) {
-    const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
-    cpu::pack_keys<T>(f, f.k, f.k_strides, b, hkv, j_begin, j_end, f.bias.present(), pack.keys.data() + E * off);
-    cpu::pack_keys<T>(f, f.v, f.v_strides, b, hkv, j_begin, j_end, false, pack.values.data() + D * off);
-  });
 }
 
 // Loads dO (acc_t), lse and delta = rowsum(dO * O) - dlse of query rows [i0, i0 + rows).

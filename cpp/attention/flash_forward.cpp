@@ -31,20 +31,6 @@ struct ForwardPack {
 };
 
 template <typename T, typename acc_t>
-void pack_chunk(const ForwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, ForwardPack<acc_t>& pack) {
-  const Problem& pr = p.problem;
-  const int64_t D = pr.head_dim, E = D + pr.bias_rank;
-  pack.keys.resize(E * chunk.keys());
-  pack.values.resize(D * chunk.keys());
-  const auto k_len = [&](int64_t b) { return pr.k_len(b); };
-  cpu::parallel_key_slabs(pr, chunk, k_len, [&](int64_t g, int64_t j_begin, int64_t j_end) {
-    const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
-    cpu::pack_keys<T>(p, p.k, p.k_strides, b, hkv, j_begin, j_end, p.bias.present(), pack.keys.data() + E * off);
-    cpu::pack_keys<T>(p, p.v, p.v_strides, b, hkv, j_begin, j_end, false, pack.values.data() + D * off);
-  });
-}
-
-template <typename T, typename acc_t>
 void attend_block(const ForwardParamsT<acc_t>& p, const cpu::GroupChunk& chunk, const ForwardPack<acc_t>& pack,
                   const cpu::QueryBlock& blk, ForwardScratch<acc_t>& s) {
   const Problem& pr = p.problem;
@@ -101,7 +87,7 @@ void flash_forward_cpu(const ForwardParamsT<acc_t>& p) {
       const int64_t block_q = cpu::query_block_size(pr);
       const auto tasks_of = [&](int64_t b) { return pr.group_size() * ceil_div(pr.q_len(b), block_q); };
       for (const cpu::GroupChunk& chunk : cpu::chunk_groups(pr, (E + D) * sizeof(acc_t), tasks_of)) {
-        pack_chunk<T>(p, chunk, pack);
+        cpu::pack_kv<T>(p, chunk, pack.keys, pack.values);
         const std::vector<cpu::QueryBlock> blocks = cpu::query_blocks(pr, chunk, block_q);
         cpu::parallel_tasks(
             static_cast<int64_t>(blocks.size()), [&] { return ForwardScratch<acc_t>(E, D); },

@@ -95,6 +95,23 @@ inline void parallel_key_slabs(const Problem& pr, const GroupChunk& chunk, KeysO
   });
 }
 
+// The packs every pass reads: each group's visible keys as k_aug rows [n, E] at keys + E * offset and
+// its values as rows [n, D] at values + D * offset (offset: the group's GroupChunk::key_offset).
+template <typename T, typename acc_t>
+inline void pack_kv(const ForwardParamsT<acc_t>& p, const GroupChunk& chunk, std::vector<acc_t>& keys,
+                    std::vector<acc_t>& values) {
+  const Problem& pr = p.problem;
+  const int64_t D = pr.head_dim, E = D + pr.bias_rank;
+  keys.resize(E * chunk.keys());
+  values.resize(D * chunk.keys());
+  const auto k_len = [&](int64_t b) { return pr.k_len(b); };
+  parallel_key_slabs(pr, chunk, k_len, [&](int64_t g, int64_t j_begin, int64_t j_end) {
+    const int64_t b = g / pr.heads_kv, hkv = g % pr.heads_kv, off = chunk.key_offset[g - chunk.first];
+    pack_keys<T>(p, p.k, p.k_strides, b, hkv, j_begin, j_end, p.bias.present(), keys.data() + E * off);
+    pack_keys<T>(p, p.v, p.v_strides, b, hkv, j_begin, j_end, false, values.data() + D * off);
+  });
+}
+
 // Converts query rows [i0, i0 + rows) of sequence b, head h to q_aug = [scale * q, bias_q] ([rows, E]).
 template <typename T, typename acc_t>
 inline void pack_queries(const ForwardParamsT<acc_t>& p, int64_t b, int64_t h, int64_t i0, int64_t rows,

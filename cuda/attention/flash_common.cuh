@@ -11,6 +11,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/element.cuh"
 #include "difforge/attention.h"
 
 namespace difforge::attention::detail {
@@ -20,25 +21,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // ---- element types ---------------------------------------------------------------------------
 
-template <DType D> struct dtype_traits;
-template <> struct dtype_traits<DType::f32> { using type = float; };
-template <> struct dtype_traits<DType::f16> { using type = __half; };
-template <> struct dtype_traits<DType::bf16> { using type = __nv_bfloat16; };
-template <DType D> using elem_t = typename dtype_traits<D>::type;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  if constexpr (std::is_same_v<T, float>) return x;
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(x);
-  else return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, float>) return x;
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-  else return __float2bfloat16_rn(x);
-}
+using difforge::cuda::elem_t;
+using difforge::cuda::from_float;
+using difforge::cuda::to_float;
 
 // Two floats rounded to the 16-bit T and packed into one 32-bit register, `lo` in the low half:
 // the element with the smaller index, as ldmatrix and the mma fragments expect.

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/element.cuh"
 #include "difforge/adaln_norm.h"
 
 namespace difforge::norm::detail {
@@ -32,11 +33,7 @@ constexpr int kGroupCtaThreads = 128;
 
 // ---- element types ---------------------------------------------------------------------------
 
-template <DType D> struct dtype_traits;
-template <> struct dtype_traits<DType::f32> { using type = float; };
-template <> struct dtype_traits<DType::f16> { using type = __half; };
-template <> struct dtype_traits<DType::bf16> { using type = __nv_bfloat16; };
-template <DType D> using elem_t = typename dtype_traits<D>::type;
+using difforge::cuda::elem_t;
 
 // ---- packed vectors --------------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from attention_testlib import (
+    ALL_DTYPES,
     DTYPE_IDS,
-    FLOAT_DTYPES,
     Case,
     assert_fa_accuracy,
     call_op,
@@ -25,24 +25,19 @@ from attention_testlib import (
     ref_grads,
     reference,
     stable_seed,
+    skip_fp64_off_cpu,
 )
 
 difforge = pytest.importorskip("difforge")
 
-ALL_DTYPES = [*FLOAT_DTYPES, torch.float64]
 dtype_ids = [DTYPE_IDS[d] for d in ALL_DTYPES]
-
-
-def _skip_fp64_off_cpu(device, dtype):
-    if dtype == torch.float64 and device != "cpu":
-        pytest.skip("float64 is a CPU-only (gradcheck) path")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_ids)
 def test_backward_matches_reference(device, dtype, D, causal):
-    _skip_fp64_off_cpu(device, dtype)
+    skip_fp64_off_cpu(device, dtype)
     case = make_case(B=2, Lq=33, Lk=33, Hq=4, D=D, dtype=dtype, causal=causal, device=device,
                      seed=stable_seed("bwd", dtype, D, causal))  # fmt: skip
     check_backward(case)
