@@ -2,7 +2,8 @@
 
 * Hypothesis profiles: ``ci`` (bounded, derandomized; picked when ``CI`` is set), ``dev`` (the default) and
   ``thorough``. ``HYPOTHESIS_PROFILE=<name>`` overrides the choice.
-* Tests marked ``cuda`` are skipped when ``torch.cuda.is_available()`` is False.
+* Tests marked ``cuda`` are skipped when ``torch.cuda.is_available()`` is False; (device="cuda",
+  dtype=torch.float64) parametrizations are deselected (float64 is a CPU-only path).
 * ``device`` fixture: parametrizes a test over ``"cpu"`` and, when a GPU is present, ``"cuda"`` (that
   parameter carries the ``cuda`` marker, so ``pytest -m cuda`` selects exactly the GPU runs).
 * The tests directory is put on ``sys.path`` so that shared helpers import the same way from every
@@ -63,7 +64,17 @@ def pytest_report_header(config):
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _float64_on_cuda(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("device") == "cuda" and params.get("dtype") == torch.float64
+
+
 def pytest_collection_modifyitems(config, items):
+    # float64 is a CPU-only (gradcheck) path in every family: such combinations are not tests at all.
+    dropped = [item for item in items if _float64_on_cuda(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not _float64_on_cuda(item)]
     if HAS_CUDA:
         return
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

@@ -22,24 +22,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 // ---- element types ---------------------------------------------------------------------------
 
 using difforge::cuda::elem_t;
+using difforge::cuda::pack_two;
 using difforge::cuda::from_float;
 using difforge::cuda::to_float;
-
-// Two floats rounded to the 16-bit T and packed into one 32-bit register, `lo` in the low half:
-// the element with the smaller index, as ldmatrix and the mma fragments expect.
-template <typename T>
-__device__ __forceinline__ uint32_t pack_two(float lo, float hi) {
-  static_assert(sizeof(T) == 2, "16-bit element types only");
-  uint32_t u;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 h2 = __floats2bfloat162_rn(lo, hi);
-    memcpy(&u, &h2, 4);
-  } else {
-    const __half2 h2 = __floats2half2_rn(lo, hi);
-    memcpy(&u, &h2, 4);
-  }
-  return u;
-}
 
 // 2^x on the SFU (ex2.approx, flush-to-zero): 2^-inf = +0, which is how masked logits vanish.
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "difforge/common.h"
@@ -29,6 +31,22 @@ __device__ __forceinline__ T from_float(float x) {
   if constexpr (std::is_same_v<T, float>) return x;
   else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
   else return __float2bfloat16_rn(x);
+}
+
+// Two floats rounded (nearest even) to the 16-bit T and packed into one 32-bit word, `lo` in the low
+// half: the element with the smaller index, as vector stores, ldmatrix and the mma fragments expect.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_two(float lo, float hi) {
+  static_assert(sizeof(T) == 2, "16-bit element types only");
+  uint32_t u;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h2 = __floats2bfloat162_rn(lo, hi);
+    memcpy(&u, &h2, 4);
+  } else {
+    const __half2 h2 = __floats2half2_rn(lo, hi);
+    memcpy(&u, &h2, 4);
+  }
+  return u;
 }
 
 }  // namespace difforge::cuda

@@ -34,6 +34,7 @@ constexpr int kGroupCtaThreads = 128;
 // ---- element types ---------------------------------------------------------------------------
 
 using difforge::cuda::elem_t;
+using difforge::cuda::pack_two;
 
 // ---- packed vectors --------------------------------------------------------------------------
 
@@ -71,20 +72,6 @@ __device__ __forceinline__ float pack_get(const Pack<T, V>& p, int i) {
     const uint32_t w = p.w[i >> 1];
     return half_to_float((i & 1) ? (w >> 16) : (w & 0xffffu));
   }
-}
-
-// Two floats rounded to T (nearest even) and packed into one word, first in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack_two(float lo, float hi) {
-  uint32_t u;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 h2 = __floats2bfloat162_rn(lo, hi);
-    memcpy(&u, &h2, 4);
-  } else {
-    const __half2 h2 = __floats2half2_rn(lo, hi);
-    memcpy(&u, &h2, 4);
-  }
-  return u;
 }
 
 template <typename T, int V>

@@ -32,11 +32,6 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 ALL_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64: the CPU-only gradcheck path
 
-
-def skip_fp64_off_cpu(device, dtype):
-    if dtype == torch.float64 and device != "cpu":
-        pytest.skip("float64 is a CPU-only (gradcheck) path")
-
 # Absolute floor of the accuracy criterion, relative to the magnitude of the reference (max(1, max|ref|)):
 # small enough that a kernel one rounding step worse than eager still fails on bf16/fp16, large enough that
 # fp32 cases (where eager is itself ~1e-7 off) do not flake on summation order.
