@@ -50,4 +50,25 @@ TORCH_LIBRARY(difforge, m) {
       "float? scale, bool causal, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, Tensor? seqused_k, Tensor? bias_q, Tensor? bias_k) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias_q, Tensor dbias_k)");
+
+  // ---- kvcache: quantized KV cache + Jensen-bias correction (cpp/include/difforge/kvcache.h) -------------
+  // x [B, L, H, D] (fp32/fp16/bf16) -> codes uint8 [B, L, H, D * bits / 8] (packed little-endian along D),
+  // step / zero in meta_dtype: [B, L, H, D / group_size] (axis "token") or [B, ceil(L / group_size), H, D]
+  // (axis "channel"). bits in {2, 4, 8}. Asymmetric min-max round-to-nearest-even; x^ = zero + step * code.
+  m.def(
+      "kv_quantize(Tensor x, int bits, int group_size, str axis, ScalarType meta_dtype) "
+      "-> (Tensor codes, Tensor step, Tensor zero)");
+  // The inverse map: zero + step * code in `dtype`, [B, L, H, D].
+  m.def(
+      "kv_dequantize(Tensor codes, Tensor step, Tensor zero, int bits, int group_size, str axis, "
+      "ScalarType dtype) -> Tensor");
+  // softmax over [quantized cache ; sink ; current] keys of the current chunk's queries q [B, Lq, Hq, D].
+  // Cache: token-axis codes / step / zero of kv_quantize ([B, Lc, Hkv, ..]), dequantized inside the kernel.
+  // k_cur / v_cur [B, Lcur, Hkv, D] and k_sink / v_sink [B, Ls, Hkv, D] (optional) in q's dtype. jensen:
+  // "none" | "taylor2" | "taylor4" | "exact": jensen_lambda * b(q, step) is subtracted from the logits of
+  // cached keys only. Returns out [B, Lq, Hq, D] in q's dtype. Inference only (no backward).
+  m.def(
+      "quantized_kv_attention(Tensor q, Tensor k_cur, Tensor v_cur, Tensor k_codes, Tensor k_step, Tensor k_zero, "
+      "Tensor v_codes, Tensor v_step, Tensor v_zero, int bits, int group_size, Tensor? k_sink, Tensor? v_sink, "
+      "float? scale, str jensen, float jensen_lambda) -> Tensor");
 }

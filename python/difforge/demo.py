@@ -1,9 +1,12 @@
-"""The main job until the pipelines land: one DiT block's norm and attention path end to end.
+"""The main job until the pipelines land: one DiT block's norm and attention path end to end, and one
+chunk-wise autoregressive attention step over an INT2 KV cache.
 
 A Wan-style block (a [B, 6, D] modulation table chunked into views) runs adaLN-modulate, self-attention
 on q/k/v views of a fused projection, and the gated residual + second adaLN-modulate through the fused
-ops, forward and backward; it is checked against the plain-PyTorch composition (SDPA for attention),
-and the norm and attention benchmark tables are printed.
+ops, forward and backward; it is checked against the plain-PyTorch composition (SDPA for attention).
+Then a 3-frame chunk attends to 12 cached frames stored at INT2: the attention mass the chunk gives
+itself, without and with the Jensen correction, against the unquantized cache. Finally the norm,
+attention and kvcache benchmark tables are printed.
 """
 
 from __future__ import annotations
@@ -40,6 +43,36 @@ def _fused(x, e, w_qkv, norm1, norm2):
     return x, y1, y2
 
 
+def _kv_cache_step(device: str, dtype: torch.dtype) -> None:
+    B, H, tokens_per_frame = 1, 4, 256
+    cached, chunk = 12 * tokens_per_frame, 3 * tokens_per_frame
+    gen = torch.Generator().manual_seed(1)
+
+    def randn(length, std=1.0):
+        return (std * torch.randn(B, length, H, HEAD_DIM, generator=gen)).to(device, dtype)
+
+    q, k_cur, k_cache = randn(chunk, std=2.0), randn(chunk), randn(cached)
+    # Values mark the segment (1 in channel 0 for the chunk, 0 for the cache): out[..., 0] is the chunk's mass.
+    v_cur = torch.zeros_like(k_cur)
+    v_cur[..., 0] = 1
+    v_cache = torch.zeros_like(k_cache)
+    ref, _ = difforge.ops.flash_attention(q, torch.cat([k_cache, k_cur], 1), torch.cat([v_cache, v_cur], 1))
+    ref_mass = ref[..., 0].float().mean().item()
+    k_q, v_q = difforge.ops.kv_quantize(k_cache, bits=2), difforge.ops.kv_quantize(v_cache, bits=2)
+    cache_bytes = sum(t.numel() * t.element_size() for t in (*k_q, *v_q))
+    print(f"\nchunk-wise AR attention step: a {chunk}-token chunk over {cached} cached tokens at INT2 (g=32): "
+          f"cache bytes {cache_bytes / (2 * k_cache.numel() * 2):.4f}x bf16")
+    print(f"  mass the chunk gives itself: unquantized cache {ref_mass:.4f}")
+    uncorrected = None
+    for mode in ("none", "taylor2", "exact"):
+        out = difforge.ops.quantized_kv_attention(q, k_cur, v_cur, *k_q, *v_q, bits=2, jensen=mode)
+        mass = out[..., 0].float().mean().item()
+        uncorrected = mass if uncorrected is None else uncorrected
+        removed = 1 - (mass - ref_mass) / (uncorrected - ref_mass)
+        note = "" if mode == "none" else f"  ({removed:.0%} of the shift removed)"
+        print(f"  INT2 cache, jensen={mode:<8} {mass:.4f}{note}")
+
+
 def run(device: str | None = None) -> int:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -71,7 +104,9 @@ def run(device: str | None = None) -> int:
         print(f"demo FAILED: error {worst:.2e} above {tolerance:.0e}")
         return 1
 
-    print("\nbenchmarks (difforge-bench norm attention --quick):")
+    _kv_cache_step(device, dtype)
+
+    print("\nbenchmarks (difforge-bench norm attention kvcache --quick):")
     from difforge_bench.cli import main as bench_main
 
-    return bench_main(["norm", "attention", "--quick", "--device", device])
+    return bench_main(["norm", "attention", "kvcache", "--quick", "--device", device])

@@ -5,18 +5,12 @@ cannot pass as speedups. Nothing here runs a benchmark-sized kernel."""
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
-
+from bench_testlib import run_bench  # puts the checkout's bench package on sys.path first
 from difforge_bench.families import attention  # noqa: E402
 from difforge_bench.impls import FWD, FWD_BWD  # noqa: E402
 from difforge_bench.registry import Shape, Unavailable  # noqa: E402
@@ -26,15 +20,7 @@ CUDA_ONLY = ("sdpa-efficient", "sdpa-cudnn", "flash-attn", "flash-attn3")
 
 
 def test_list_shows_the_attention_family_and_its_shapes():
-    path = os.pathsep.join(p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-m", "difforge_bench", "attention", "--list", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": path},
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_bench("attention", "--list", "--device", "cpu")
     assert "attention:" in result.stdout
     for shape in ("L4k", "L32k", "wan13b_480p", "kvcache_chunk", "cpu_L4k", "smoke", "smoke_kv"):
         assert shape in result.stdout

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+from bench_testlib import run_bench as _bench
+
 OPS_AND_MODES = {
     ("adaln_modulate", "fwd"),
     ("adaln_modulate", "fwd+bwd"),
@@ -17,20 +14,6 @@ OPS_AND_MODES = {
     ("gated_adaln_modulate", "fwd+bwd"),
 }
 REPRODUCE = "difforge-bench norm --device cpu --shapes smoke"
-
-
-def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    # The checkout's bench package first, so the test runs the sources it sits next to.
-    path = os.pathsep.join(p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-m", "difforge_bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": path},
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
 
 
 def test_list_shows_the_norm_family_and_its_shapes():

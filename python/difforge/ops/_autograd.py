@@ -5,14 +5,20 @@ from __future__ import annotations
 import torch
 
 
-def forbid_double_backward(backward_op: str, forward_names: str) -> None:
-    """Registers an autograd formula for ``backward_op`` that raises a clear error when differentiated
-    (a double backward through ``forward_names``) instead of silently returning no gradient."""
+def forbid_backward(op: str, message: str) -> None:
+    """Registers an autograd formula for ``op`` that raises ``message`` when a backward reaches it, instead
+    of silently returning no gradient. The forward runs as usual, also on inputs that require grad."""
 
     def backward(ctx, *grads):
-        raise RuntimeError(f"difforge: double backward through {forward_names} is not supported")
+        raise RuntimeError(f"difforge: {message}")
 
     def setup_context(ctx, inputs, output):
         pass
 
-    torch.library.register_autograd(backward_op, backward, setup_context=setup_context)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def forbid_double_backward(backward_op: str, forward_names: str) -> None:
+    """Makes a backward op raise a clear error when differentiated (a double backward through
+    ``forward_names``)."""
+    forbid_backward(backward_op, f"double backward through {forward_names} is not supported")
