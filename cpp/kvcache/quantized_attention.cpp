@@ -66,9 +66,12 @@ template <typename T, typename M>
 class QuantizedAttention {
  public:
   explicit QuantizedAttention(const QuantizedAttentionParams& p)
-      : p_(p), D_(p.head_dim), G_(p.groups()), E_(D_ + (p.jensen == Jensen::taylor2 ? G_ : 0)) {}
+      : p_(p), D_(p.head_dim), G_(p.groups()), E_(D_ + (p.jensen == Jensen::taylor2 ? padded(G_) : 0)) {}
 
   int64_t augmented_width() const { return E_; }
+
+  // taylor2's bias channels, padded to a multiple of 8 (zeros): sgemm runs ~15% slower on K = D + 4.
+  static int64_t padded(int64_t channels) { return (channels + 7) / 8 * 8; }
 
   void run(const Task& t, Scratch& s) const {
     pack_queries(t, s);
@@ -104,7 +107,7 @@ class QuantizedAttention {
           a += q2;
           b4 += q2 * q2;
         }
-        if (p_.jensen == Jensen::taylor2) qa[D_ + g] = -p_.lambda * taylor2_coefficient(scale) * a;
+        if (p_.jensen == Jensen::taylor2) qa[D_ + g] = -p_.lambda * taylor2_coefficient(scale) * a;  // pad stays 0
         if (p_.jensen == Jensen::taylor4) {
           s.q_bias[r * 2 * G_ + g] = a;
           s.q_bias[r * 2 * G_ + G_ + g] = b4;
@@ -123,6 +126,7 @@ class QuantizedAttention {
       if (p_.jensen == Jensen::taylor2) {
         float* extra = s.keys.data() + j * E_ + D_;
         for (int64_t g = 0; g < G_; ++g) extra[g] = s.steps[g * kBlockK + j] * s.steps[g * kBlockK + j];
+        std::fill(extra + G_, s.keys.data() + (j + 1) * E_, 0.f);  // padding (dense tiles reuse the buffer)
       }
     }
   }
@@ -135,8 +139,13 @@ class QuantizedAttention {
     const M* zero = static_cast<const M*>(seg.zero) + seg.zero_strides.offset(b, j, hkv);
     const CodeTable& table = code_table(p_.bits);
     const int per_byte = 8 / p_.bits;
-    for (int64_t i = 0; i < packed_bytes(D_, p_.bits); ++i)
-      std::copy_n(table.codes[codes[i]], per_byte, code_values + i * per_byte);
+    if (p_.bits == 8) {
+#pragma omp simd
+      for (int64_t c = 0; c < D_; ++c) code_values[c] = float(codes[c]);
+    } else {
+      for (int64_t i = 0; i < packed_bytes(D_, p_.bits); ++i)
+        std::copy_n(table.codes[codes[i]], per_byte, code_values + i * per_byte);
+    }
     for (int64_t g = 0; g < G_; ++g) {
       const float st = to_acc<float>(step[g]), z = to_acc<float>(zero[g]);
       if (steps != nullptr) steps[g * kBlockK] = st;
