@@ -9,6 +9,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/ge.h>
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/logical_and.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -76,13 +77,11 @@ inline void check_group_size(const char* op, int64_t group_size, int64_t D, Axis
               " must divide the head dim D = ", D);
 }
 
-// Steps must be finite and >= 0 (0: a constant group); a device sync on CUDA.
+// Steps must be finite and >= 0 (0: a constant group): one fused pass and, on CUDA, one device sync.
 inline void check_steps(const char* op, const char* name, const Tensor& step) {
-  if (step.numel() == 0) return;
-  const Tensor s = step.to(at::kFloat);
-  TORCH_CHECK(at::isfinite(s).all().item<bool>(), op, ": ", name, " has non-finite entries");
-  TORCH_CHECK(at::ge(s, 0).all().item<bool>(), op, ": ", name,
-              " has negative entries (a step is the grid spacing >= 0)");
+  if (step.numel() == 0 || at::logical_and(at::isfinite(step), at::ge(step, 0)).all().item<bool>()) return;
+  TORCH_CHECK(at::isfinite(step).all().item<bool>(), op, ": ", name, " has non-finite entries");
+  TORCH_CHECK(false, op, ": ", name, " has negative entries (a step is the grid spacing >= 0)");
 }
 
 template <typename Kernels>

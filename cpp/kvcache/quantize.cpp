@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/element.h"
+#include "kvcache/code_table.h"
 #include "kvcache/kvcache_cpu.h"
 
 namespace difforge::kvcache {
@@ -131,20 +132,22 @@ bool kv_quantize_cpu(const QuantizeParams& p) {
 
 void kv_dequantize_cpu(const DequantizeParams& p) {
   const int64_t D = p.head_dim, bytes = packed_bytes(D, p.bits), rows = p.batch * p.len * p.heads;
+  const int64_t channels_per_grid = p.axis == Axis::token ? p.group_size : 1;  // along a row's step / zero
   dispatch_float(p.dtype, [&]<typename T>() {
     dispatch_float(p.meta_dtype, [&]<typename M>() {
       if constexpr (!std::is_same_v<T, double> && !std::is_same_v<M, double>) {
-        const M* step = static_cast<const M*>(p.step);
-        const M* zero = static_cast<const M*>(p.zero);
         at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+          std::vector<float> codes(D);
           for (int64_t r = begin; r < end; ++r) {
             const int64_t h = r % p.heads, l = (r / p.heads) % p.len, b = r / (p.heads * p.len);
-            const uint8_t* codes = p.codes + r * bytes;
+            const int64_t m = p.meta_index(b, l, h, 0);
+            const M* step = static_cast<const M*>(p.step) + m;
+            const M* zero = static_cast<const M*>(p.zero) + m;
+            cpu::unpack_row(p.codes + r * bytes, D, p.bits, codes.data());
             T* out = static_cast<T*>(p.out) + r * D;
             for (int64_t c = 0; c < D; ++c) {
-              const int64_t m = p.meta_index(b, l, h, c);
-              out[c] = to_elem<T>(decode(unpack_code(codes, c, p.bits), to_acc<float>(step[m]),
-                                         to_acc<float>(zero[m])));
+              const int64_t j = c / channels_per_grid;
+              out[c] = to_elem<T>(decode(uint32_t(codes[c]), to_acc<float>(step[j]), to_acc<float>(zero[j])));
             }
           }
         });

@@ -14,6 +14,7 @@
 #include "attention/tile_gemm.h"
 #include "attention/tile_math.h"
 #include "common/element.h"
+#include "kvcache/code_table.h"
 #include "kvcache/kvcache_cpu.h"
 
 namespace difforge::kvcache {
@@ -26,20 +27,6 @@ using attention::cpu::tile_gemm;
 using difforge::cpu::to_acc;
 using difforge::cpu::to_elem;
 
-// Every byte value's codes as floats, lowest bits first: unpacking a row is one table copy per byte.
-struct CodeTable {
-  float codes[256][4] = {};
-  explicit CodeTable(int bits) {
-    for (int byte = 0; byte < 256; ++byte)
-      for (int k = 0; k < 8 / bits; ++k) codes[byte][k] = float((byte >> (k * bits)) & max_code(bits));
-  }
-};
-
-inline const CodeTable& code_table(int bits) {
-  static const CodeTable int2(2), int4(4), int8(8);
-  return bits == 2 ? int2 : (bits == 4 ? int4 : int8);
-}
-
 struct Scratch {
   std::vector<float> q_aug;     // [rows, E]: scale * q (+ taylor2 bias channels)
   std::vector<float> q_bias;    // taylor4: [rows, 2G] (A_q, B_q); exact: [rows, D] (scale * q / 2)
@@ -49,13 +36,13 @@ struct Scratch {
   std::vector<float> values;    // [kBlockK, D]
   std::vector<float> steps;     // [G, kBlockK]: Delta of group g of each cached key (rows vectorize over keys)
   std::vector<float> order2, order4;  // [kBlockK]: one row's bias sums (taylor4: both orders; exact: order2)
-  std::vector<float> codes;     // [D + 4]: one cached row's codes as floats
+  std::vector<float> codes;     // [D]: one cached row's codes as floats
   std::vector<OnlineSoftmaxRow<float>> softmax;
 
   Scratch(int64_t block_q, int64_t E, int64_t D, int64_t G)
       : q_aug(block_q * E), q_bias(block_q * std::max(D, 2 * G)), logits(block_q * kBlockK), acc(block_q * D),
         keys(kBlockK * E), values(kBlockK * D), steps(kBlockK * G), order2(kBlockK), order4(kBlockK),
-        codes(D + 4), softmax(block_q) {}
+        codes(D), softmax(block_q) {}
 };
 
 struct Task {
@@ -131,21 +118,13 @@ class QuantizedAttention {
     }
   }
 
-  // steps (keys only): where the step of group 0 goes, group g at steps[g * kBlockK]. code_values: [D + 4].
+  // steps (keys only): where the step of group 0 goes, group g at steps[g * kBlockK]. code_values: [D].
   void dequantize_row(const QuantizedSegment& seg, int64_t b, int64_t j, int64_t hkv, float* dst, float* steps,
                       float* code_values) const {
     const uint8_t* codes = seg.codes + seg.codes_strides.offset(b, j, hkv);
     const M* step = static_cast<const M*>(seg.step) + seg.step_strides.offset(b, j, hkv);
     const M* zero = static_cast<const M*>(seg.zero) + seg.zero_strides.offset(b, j, hkv);
-    const CodeTable& table = code_table(p_.bits);
-    const int per_byte = 8 / p_.bits;
-    if (p_.bits == 8) {
-#pragma omp simd
-      for (int64_t c = 0; c < D_; ++c) code_values[c] = float(codes[c]);
-    } else {
-      for (int64_t i = 0; i < packed_bytes(D_, p_.bits); ++i)
-        std::copy_n(table.codes[codes[i]], per_byte, code_values + i * per_byte);
-    }
+    cpu::unpack_row(codes, D_, p_.bits, code_values);
     for (int64_t g = 0; g < G_; ++g) {
       const float st = to_acc<float>(step[g]), z = to_acc<float>(zero[g]);
       if (steps != nullptr) steps[g * kBlockK] = st;
