@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 NVCC   ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test cuda-check bench clean
+.PHONY: setup build demo test cuda-check cuda-bindings-check bench clean
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -29,8 +29,21 @@ demo: build
 cuda-check:
 	@if [ -n "$(NVCC)" ]; then \
 		cmake -S cuda -B build/cuda-check -G Ninja -DCMAKE_CUDA_COMPILER=$(NVCC) -DCMAKE_BUILD_TYPE=Release >/dev/null \
-		&& cmake --build build/cuda-check -j 2 && echo "cuda-check: every .cu file compiles for sm_90a"; \
+		&& cmake --build build/cuda-check -j 2 && echo "cuda-check: every .cu file compiles for sm_90a" \
+		&& $(MAKE) --no-print-directory cuda-bindings-check; \
 	else echo "cuda-check: nvcc not found, skipped"; fi
+
+# The CUDA registrations (bindings/*_cuda.cpp) need torch's c10/cuda headers, which a CPU torch lacks: syntax-check
+# them against stand-ins (cmake/cuda_binding_shim) so a binding that cannot compile fails here, not on a GPU box.
+CUDA_INCLUDE ?= $(dir $(firstword $(wildcard $(dir $(realpath $(NVCC)))../include/cuda_runtime.h \
+	$(CUDA_HOME)/include/cuda_runtime.h /usr/local/cuda/include/cuda_runtime.h)))
+TORCH_INCLUDE = $(shell $(PY) -c "import torch, os; print(os.path.dirname(torch.__file__) + '/include')")
+cuda-bindings-check: setup
+	@for f in bindings/*_cuda.cpp; do \
+		$(CXX) -std=c++20 -fsyntax-only -Wall -Wextra -Wno-unused-parameter -Icmake/cuda_binding_shim \
+			-I$(TORCH_INCLUDE) -I$(TORCH_INCLUDE)/torch/csrc/api/include -I$(CUDA_INCLUDE) \
+			-Icpp/include -Icpp -Ibindings -Icuda/include $$f || exit 1; \
+	done && echo "cuda-bindings-check: every bindings/*_cuda.cpp compiles"
 
 test: build cuda-check
 	$(PY) -m pytest $(PYTEST_ARGS)

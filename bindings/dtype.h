@@ -8,6 +8,9 @@
 
 namespace difforge::binding {
 
+// The float types every kernel takes (fp64 only where an op says so).
+inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
 // t must already be checked to be one of the four float types.
 inline DType to_dtype(at::ScalarType t) {
   switch (t) {

@@ -24,9 +24,8 @@ namespace difforge::kvcache::binding {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+using difforge::binding::is_float_type;
 using difforge::binding::to_dtype;
-
-inline bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 inline attention::Strides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 

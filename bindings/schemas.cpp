@@ -71,4 +71,43 @@ TORCH_LIBRARY(difforge, m) {
       "quantized_kv_attention(Tensor q, Tensor k_cur, Tensor v_cur, Tensor k_codes, Tensor k_step, Tensor k_zero, "
       "Tensor v_codes, Tensor v_step, Tensor v_zero, int bits, int group_size, Tensor? k_sink, Tensor? v_sink, "
       "float? scale, str jensen, float jensen_lambda) -> Tensor");
+
+  // ---- formats: HiF8 and NVFP4 codecs and quantized GEMMs (cpp/include/difforge/{hif8,nvfp4}.h) ----------
+  // HiF8 codes of fp32(x * scale) (scale: fp32 one-element tensor, None = 1), same shape, uint8. rounding:
+  // "ta" (ties away from zero) | "hybrid" (TA for |e| < 4, SSR elsewhere). Overflow -> +-Inf (0x6F/0xEF) unless
+  // saturate (+-32768); NaN -> 0x80.
+  m.def("hif8_encode(Tensor x, Tensor? scale, bool saturate, str rounding) -> Tensor");
+  // decode(codes) / scale in `dtype` (scale None = 1).
+  m.def("hif8_decode(Tensor codes, Tensor? scale, ScalarType dtype) -> Tensor");
+  // Per-tensor scaled encode in one fused pass: s = target / amax(|x|) (1 if amax is 0 or not finite),
+  // codes = hif8_encode(x, s). Returns (codes uint8, s fp32 0-dim).
+  m.def("hif8_quantize(Tensor x, float target, bool saturate, str rounding) -> (Tensor codes, Tensor scale)");
+  // Fake quantization (QDQ) decode(encode(x * s)) / s in `dtype`, s as in hif8_quantize. Autograd: straight
+  // through.
+  m.def("hif8_fake_quantize(Tensor x, float target, str rounding, ScalarType dtype) -> Tensor");
+  // The HiF8 codes of hif8_quantize mapped exactly to E4M3 after the power-of-two shift 2^k (k the largest
+  // with target * 2^k <= 448): x ~ e4m3 * scale_inv, scale_inv = 1 / (s * 2^k). Returns (e4m3
+  // float8_e4m3fn, scale_inv fp32 0-dim), the operands of torch._scaled_mm.
+  m.def("hif8_quantize_e4m3(Tensor x, float target, str rounding) -> (Tensor e4m3, Tensor scale_inv)");
+  // y = x^ @ W^T + bias with W^ = decode(w_codes) / w_scale ([N, K], w_scale fp32 one element). x float:
+  // x^ = hif8_fake_quantize(x, 15) (per-tensor amax scaling); x uint8 codes: x^ = decode(x) / x_scale.
+  // fp32 accumulation; out in out_dtype (None: x's dtype, bf16 for codes). N, K multiples of 16.
+  m.def(
+      "hif8_linear(Tensor x, Tensor w_codes, Tensor w_scale, Tensor? bias, Tensor? x_scale, ScalarType? out_dtype) "
+      "-> Tensor");
+  // NVFP4 of x [..., K] (fp32/bf16/fp16, K % 16 == 0) in torchao's op order: block_scales float8_e4m3fn
+  // [..., K/16], packed uint8 [..., K/2] (element 2j in the low nibble). per_tensor_scale (fp32 one element,
+  // amax / 2688) or None (one-level). block_2d: each scale from the amax of its 16 x 16 tile (rows over the
+  // flattened leading dims). stochastic: stochastic rounding from Philox(seed, offset).
+  m.def(
+      "nvfp4_quantize(Tensor x, Tensor? per_tensor_scale, bool block_2d, bool stochastic, int seed, int offset) "
+      "-> (Tensor block_scales, Tensor packed)");
+  // e2m1(code) * (per_tensor_scale * block_scale) (or * block_scale), [..., K] in `dtype`.
+  m.def("nvfp4_dequantize(Tensor block_scales, Tensor packed, Tensor? per_tensor_scale, ScalarType dtype) -> Tensor");
+  // W4A16: y = x @ W^T + bias, x [..., K] bf16/fp16, W the NVFP4 weight [N, K] (block_scales [N, K/16], packed
+  // [N, K/2], per-tensor scale or None), dequantized inside the GEMM; fp32 accumulation; y [..., N] in x's
+  // dtype. N, K multiples of 16. Inference only (no backward).
+  m.def(
+      "nvfp4_linear(Tensor x, Tensor w_block_scales, Tensor w_packed, Tensor? w_per_tensor_scale, Tensor? bias) "
+      "-> Tensor");
 }

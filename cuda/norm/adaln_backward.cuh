@@ -112,7 +112,6 @@ __global__ void __launch_bounds__(kMaxRowThreads, row_kernel_min_ctas(NV * V * i
   __shared__ float scratch[2 * 2 * 32];
   const RowGroup g = make_row_group(tpr);
   const SmemPartials<V, NV> acc = SmemPartials<V, NV>::make(dyn_smem);
-  const ModLayout& L = plan.layout;
   const int nvec = int(p.dim / V);
   const bool layer = p.norm == NormKind::layer;
   const int64_t num_blocks = plan.num_blocks();
@@ -317,7 +316,6 @@ __global__ void __launch_bounds__(kStreamThreads)
                                  const GradSlots q, const float inv_dim) {
   __shared__ float scratch[2 * 2 * 32];
   const RowGroup g = make_row_group(int(blockDim.x));
-  const ModLayout& L = plan.layout;
   const int64_t nvec = p.dim / V;
   const bool layer = p.norm == NormKind::layer;
   const int64_t num_slots = plan.num_slots(), num_blocks = plan.num_blocks();

@@ -5,8 +5,9 @@ A Wan-style block (a [B, 6, D] modulation table chunked into views) runs adaLN-m
 on q/k/v views of a fused projection, and the gated residual + second adaLN-modulate through the fused
 ops, forward and backward; it is checked against the plain-PyTorch composition (SDPA for attention).
 Then a 3-frame chunk attends to 12 cached frames stored at INT2: the attention mass the chunk gives
-itself, without and with the Jensen correction, against the unquantized cache. Finally the norm,
-attention and kvcache benchmark tables are printed.
+itself, without and with the Jensen correction, against the unquantized cache. Then the block's QKV
+projection runs with HiF8 (training recipe) and NVFP4 (rollout) weights. Finally the norm, attention,
+kvcache and formats benchmark tables are printed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,22 @@ import difforge
 from difforge.nn import AdaLNModulate
 
 HEAD_DIM = 128
+
+
+def _quantized_projection(x, w_qkv):
+    """x @ w_qkv with HiF8 weights + activations and with NVFP4 weights: error and weight bytes vs bf16."""
+    ops = difforge.ops
+    w = w_qkv.t().contiguous().float()  # [N, K], the nn.Linear layout the quantized GEMMs take
+    exact = x.float() @ w.t()
+    codes, s = ops.hif8_quantize(w)
+    hif8 = ops.hif8_linear(x.float(), codes, s)
+    scales, packed = ops.nvfp4_quantize(w, pts := ops.nvfp4_per_tensor_scale(w))
+    nvfp4 = ops.nvfp4_linear(x.bfloat16(), scales, packed, pts).float()
+    print(f"\nquantized QKV projection ({w.shape[1]} -> {w.shape[0]}), relative RMS error vs fp32 weights:")
+    for name, y, nbytes in (("hif8 (W8A8)", hif8, codes.numel()), ("nvfp4 (W4A16)", nvfp4, packed.numel() +
+                                                                     scales.numel())):
+        err = ((y - exact).square().mean() / exact.square().mean()).sqrt().item()
+        print(f"  {name:<14} error {err:.2e}, weight {nbytes / (2 * w.numel()):.3f}x the bf16 bytes")
 
 
 def _qkv(y, w_qkv):
@@ -105,8 +122,9 @@ def run(device: str | None = None) -> int:
         return 1
 
     _kv_cache_step(device, dtype)
+    _quantized_projection(x, w_qkv)
 
-    print("\nbenchmarks (difforge-bench norm attention kvcache --quick):")
+    print("\nbenchmarks (difforge-bench norm attention kvcache formats --quick):")
     from difforge_bench.cli import main as bench_main
 
-    return bench_main(["norm", "attention", "kvcache", "--quick", "--device", device])
+    return bench_main(["norm", "attention", "kvcache", "formats", "--quick", "--device", device])
