@@ -9,6 +9,7 @@
 
 #include "difforge/nvfp4.h"
 #include "formats/formats_cpu.h"
+#include "formats/nvfp4_block.h"
 
 namespace difforge::formats {
 namespace {
@@ -53,19 +54,16 @@ at::Tensor nvfp4_linear_cpu(const at::Tensor& x_hat, const at::Tensor& w_scales,
                             const float* w_pts) {
   const int64_t k = w_packed.size(1) * 2, blocks = k / nvfp4::kBlock;
   const float pts = w_pts ? *w_pts : 0.f;
+  const auto& e2m1 = e2m1_table();
   const uint8_t* scales = static_cast<const uint8_t*>(w_scales.data_ptr());
   const uint8_t* packed = w_packed.data_ptr<uint8_t>();
   return blocked_linear(x_hat, w_packed.size(0), [&](float* w, int64_t n0, int64_t rows) {
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         for (int64_t j = 0; j < blocks; ++j) {
-          const float scale = nvfp4::block_decode_scale(scales[(n0 + r) * blocks + j], pts);
-          const uint8_t* in = packed + (n0 + r) * (k / 2) + j * (nvfp4::kBlock / 2);
-          float* out = w + r * k + j * nvfp4::kBlock;
-          for (int c = 0; c < nvfp4::kBlock / 2; ++c) {
-            out[2 * c] = nvfp4::e2m1_value(in[c] & 15u) * scale;
-            out[2 * c + 1] = nvfp4::e2m1_value(in[c] >> 4) * scale;
-          }
+          decode_nvfp4_block(packed + (n0 + r) * (k / 2) + j * (nvfp4::kBlock / 2),
+                             nvfp4::block_decode_scale(scales[(n0 + r) * blocks + j], pts), e2m1,
+                             w + r * k + j * nvfp4::kBlock);
         }
     });
   });

@@ -8,13 +8,13 @@
 #include "common/element.h"
 #include "difforge/nvfp4.h"
 #include "formats/formats_cpu.h"
+#include "formats/nvfp4_block.h"
 
 namespace difforge::formats {
 namespace {
 
 using difforge::cpu::dispatch_float;
 using difforge::cpu::to_acc;
-using difforge::cpu::to_elem;
 using nvfp4::kBlock;
 
 constexpr int64_t kRowGrain = 16;
@@ -80,16 +80,13 @@ struct Dequantize {
     T* out = static_cast<T*>(p.out);
     const int64_t blocks = p.cols / kBlock;
     const float pts = p.pts ? *p.pts : 0.f;
+    const auto& e2m1 = e2m1_table();
     at::parallel_for(0, p.rows, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         for (int64_t j = 0; j < blocks; ++j) {
-          const float scale = nvfp4::block_decode_scale(p.scales[r * blocks + j], pts);
-          const uint8_t* in = p.packed + r * (p.cols / 2) + j * (kBlock / 2);
-          T* o = out + r * p.cols + j * kBlock;
-          for (int c = 0; c < kBlock / 2; ++c) {
-            o[2 * c] = to_elem<T>(nvfp4::e2m1_value(in[c] & 15u) * scale);
-            o[2 * c + 1] = to_elem<T>(nvfp4::e2m1_value(in[c] >> 4) * scale);
-          }
+          decode_nvfp4_block(p.packed + r * (p.cols / 2) + j * (kBlock / 2),
+                             nvfp4::block_decode_scale(p.scales[r * blocks + j], pts), e2m1,
+                             out + r * p.cols + j * kBlock);
         }
     });
   }
