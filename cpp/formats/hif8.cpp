@@ -54,9 +54,10 @@ struct Hif8Pass {
       at::parallel_for(0, p.n, kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const uint8_t c = hif8::encode(to_acc<float>(x[i]) * s, p.saturate, p.rounding);
+          const float value = hif8::decode(c);
           if (p.codes) p.codes[i] = c;
-          if (qdq) qdq[i] = to_elem<Q>(hif8::decode(c) / s);
-          if (p.e4m3) p.e4m3[i] = nvfp4::e4m3_satfinite(hif8::decode(c) * pow2);
+          if (qdq) qdq[i] = to_elem<Q>(value / s);
+          if (p.e4m3) p.e4m3[i] = nvfp4::e4m3_satfinite(value * pow2);
         }
       });
     }
