@@ -2,7 +2,9 @@
 #include <torch/library.h>
 
 #include "attention/flash_cpu.h"
+#include "attention/skiparse_cpu.h"
 #include "attention_ops.h"
+#include "skiparse_ops.h"
 
 namespace {
 
@@ -20,8 +22,12 @@ struct CpuKernels {
   static void backward(const difforge::attention::BackwardParamsT<acc_t>& p) {
     difforge::attention::flash_backward_cpu(p);
   }
+  static void gather(const difforge::skiparse::GatherParams& p) { difforge::skiparse::skiparse_gather_cpu(p); }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(difforge, CPU, m) { DIFFORGE_REGISTER_ATTENTION_OPS(m, CpuKernels); }
+TORCH_LIBRARY_IMPL(difforge, CPU, m) {
+  DIFFORGE_REGISTER_ATTENTION_OPS(m, CpuKernels);
+  DIFFORGE_REGISTER_SKIPARSE_OPS(m, CpuKernels);
+}

@@ -5,6 +5,8 @@
 
 #include "attention_ops.h"
 #include "difforge/flash_attention.h"
+#include "difforge/skiparse_cuda.h"
+#include "skiparse_ops.h"
 
 namespace {
 
@@ -25,8 +27,14 @@ struct CudaKernels {
     check_launch(difforge::attention::launch_flash_backward(p, c10::cuda::getCurrentCUDAStream()),
                  "flash_attention backward");
   }
+  static void gather(const difforge::skiparse::GatherParams& p) {
+    check_launch(difforge::skiparse::launch_skiparse_gather(p, c10::cuda::getCurrentCUDAStream()), "skiparse");
+  }
 };
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(difforge, CUDA, m) { DIFFORGE_REGISTER_ATTENTION_OPS(m, CudaKernels); }
+TORCH_LIBRARY_IMPL(difforge, CUDA, m) {
+  DIFFORGE_REGISTER_ATTENTION_OPS(m, CudaKernels);
+  DIFFORGE_REGISTER_SKIPARSE_OPS(m, CudaKernels);
+}

@@ -51,6 +51,27 @@ TORCH_LIBRARY(difforge, m) {
       "int max_seqlen_k, Tensor? seqused_k, Tensor? bias_q, Tensor? bias_k) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias_q, Tensor dbias_k)");
 
+  // ---- attention: Skiparse permutations (cpp/include/difforge/skiparse_index.h has the maps) ---------------
+  // grid (T, H, W) with N = T*H*W; dims 2 (Skiparse-2D, G = P^2 sub-sequences) or 1 (1D on the flat index,
+  // G = P). Sparse layout [G_loc * B, N'/G, ...], row s * B + b; each sub-sequence holds its valid tokens
+  // first (sub-grid row-major) and zeros after them. SSP rank r of S (S | G) holds sub-sequences
+  // [r * G / S, (r + 1) * G / S). Rows (dims after the first two) are moved whole, any dtype.
+  // x [B, N, ...] -> the local rows of the sparse layout.
+  m.def("skiparse_rearrange(Tensor x, int[] grid, int sparse_ratio, str mode, int dims, int ssp_rank, int ssp_size) "
+        "-> Tensor");
+  // Inverse: local sparse rows -> [B, N, ...] in original order; tokens held by other ranks are zeros.
+  m.def("skiparse_restore(Tensor xs, int[] grid, int sparse_ratio, str mode, int dims, int ssp_rank, int ssp_size) "
+        "-> Tensor");
+  // All sparse rows in mode from_mode -> the same tokens in the other mode (an involution).
+  m.def("skiparse_switch(Tensor xs, int[] grid, int sparse_ratio, str from_mode, int dims) -> Tensor");
+  // SSP switch around one all_to_all_single: local rows -> send buffer [S, G_loc^2 * B * base, ...] (row
+  // (dest rank, dest local sub-sequence, source local sub-sequence, b, pos)), and the received buffer -> local
+  // rows in the other mode.
+  m.def("skiparse_exchange_send(Tensor xs, int[] grid, int sparse_ratio, str from_mode, int dims, int ssp_rank, "
+        "int ssp_size) -> Tensor");
+  m.def("skiparse_exchange_receive(Tensor received, int[] grid, int sparse_ratio, str from_mode, int dims, "
+        "int ssp_rank, int ssp_size) -> Tensor");
+
   // ---- kvcache: quantized KV cache + Jensen-bias correction (cpp/include/difforge/kvcache.h) -------------
   // x [B, L, H, D] (fp32/fp16/bf16) -> codes uint8 [B, L, H, D * bits / 8] (packed little-endian along D),
   // step / zero in meta_dtype: [B, L, H, D / group_size] (axis "token") or [B, ceil(L / group_size), H, D]

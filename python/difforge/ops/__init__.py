@@ -23,6 +23,17 @@ from difforge.ops.kvcache import (
     quantized_kv_attention,
 )
 from difforge.ops.norm import adaln_modulate, gated_adaln_modulate
+from difforge.ops.skiparse import (
+    skiparse_attention,
+    skiparse_exchange_receive,
+    skiparse_exchange_send,
+    skiparse_groups,
+    skiparse_rearrange,
+    skiparse_restore,
+    skiparse_seq_len,
+    skiparse_seqlens,
+    skiparse_switch,
+)
 
 __all__ = [
     "adaln_modulate",
@@ -45,4 +56,13 @@ __all__ = [
     "nvfp4_quantize",
     "quantized_kv_attention",
     "random_hadamard_transform16",
+    "skiparse_attention",
+    "skiparse_exchange_receive",
+    "skiparse_exchange_send",
+    "skiparse_groups",
+    "skiparse_rearrange",
+    "skiparse_restore",
+    "skiparse_seq_len",
+    "skiparse_seqlens",
+    "skiparse_switch",
 ]
