@@ -141,8 +141,9 @@ Tensor skiparse_exchange_send(const Tensor& xs, c10::IntArrayRef grid, int64_t s
   check_sparse(op, xs, l);
   const Tensor src = with_dense_rows(xs);
   const int64_t per_rank = l.local_groups() * l.local_groups() * l.batch * l.base();
-  return gather<Kernels>(Gather::exchange_send, l, parse_mode(op, from_mode), src, shape_with(1, ssp_size * per_rank, src))
-      .view(shape_with(ssp_size, per_rank, src));
+  const Tensor flat = gather<Kernels>(Gather::exchange_send, l, parse_mode(op, from_mode), src,
+                                     shape_with(1, ssp_size * per_rank, src));
+  return flat.view(shape_with(ssp_size, per_rank, src));
 }
 
 template <typename Kernels>

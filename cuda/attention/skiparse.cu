@@ -23,7 +23,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) gather_rows(GatherParams 
     return;
   }
   const Vec* in = reinterpret_cast<const Vec*>(static_cast<const char*>(p.src) + offset);
-  for (int64_t v = lane; v < vectors; v += 32) out[v] = __ldg(in + v);
+  // Four loads in flight per lane before the stores: a row is only a few KiB, so latency, not issue, bounds it.
+  constexpr int kUnroll = 4;
+  for (int64_t v = lane; v < vectors; v += 32 * kUnroll) {
+    Vec chunk[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v + u * 32 < vectors) chunk[u] = __ldg(in + v + u * 32);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v + u * 32 < vectors) out[v + u * 32] = chunk[u];
+    }
+  }
 }
 
 // The widest access every row start and the row length are aligned to.

@@ -6,8 +6,9 @@ on q/k/v views of a fused projection, and the gated residual + second adaLN-modu
 ops, forward and backward; it is checked against the plain-PyTorch composition (SDPA for attention).
 Then a 3-frame chunk attends to 12 cached frames stored at INT2: the attention mass the chunk gives
 itself, without and with the Jensen correction, against the unquantized cache. Then the block's QKV
-projection runs with HiF8 (training recipe) and NVFP4 (rollout) weights. Finally the norm, attention,
-kvcache and formats benchmark tables are printed.
+projection runs with HiF8 (training recipe) and NVFP4 (rollout) weights, and a hybrid full/Skiparse attention
+stack (OSP-Next dual_end schedule) runs against the all-full stack. Finally the norm, attention, kvcache and
+formats benchmark tables are printed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import difforge
-from difforge.nn import AdaLNModulate
+from difforge.nn import AdaLNModulate, SkiparseAttention, SkiparseLayout, dual_end_schedule, rope_angles_3d
 
 HEAD_DIM = 128
 
@@ -90,6 +91,41 @@ def _kv_cache_step(device: str, dtype: torch.dtype) -> None:
         print(f"  INT2 cache, jensen={mode:<8} {mass:.4f}{note}")
 
 
+def _skiparse_stack(device: str, dtype: torch.dtype) -> None:
+    """8 attention layers over a 4x18x32 latent grid: dual_end (F = 4, P = 2) against all-full, fwd + bwd."""
+    import time
+
+    grid, B, C, heads = (4, 18, 32), 1, 256, 4
+    N = grid[0] * grid[1] * grid[2]
+    torch.manual_seed(2)
+    layers = [SkiparseAttention(C, heads).to(device, dtype) for _ in range(8)]
+    angles = rope_angles_3d(grid, C // heads, device=device)
+    x0 = torch.randn(B, N, C, device=device, dtype=dtype)
+
+    def stack(schedule):
+        layout, x = SkiparseLayout(grid, 2, batch=B), x0.clone().requires_grad_()
+        for kind, layer in zip(schedule, layers):
+            x = layout.to(x, kind)
+            x = x + layer(x, layout, angles)
+        layout.to(x, "full").float().square().mean().backward()
+
+    schedules = {"full": ["full"] * 8, "dual_end": dual_end_schedule(8, 4)}
+    seconds = {}
+    for name, schedule in schedules.items():
+        stack(schedule)  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        stack(schedule)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds[name] = time.perf_counter() - start
+    letters = "".join(kind[0].upper() for kind in schedules["dual_end"])
+    print(f"\nhybrid Skiparse attention stack, grid {grid} (N = {N}), 8 layers, P = 2, schedule {letters}:")
+    print(f"  fwd+bwd all-full {seconds['full'] * 1e3:.1f} ms, dual_end {seconds['dual_end'] * 1e3:.1f} ms "
+          f"({seconds['full'] / seconds['dual_end']:.2f}x)")
+
+
 def run(device: str | None = None) -> int:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -123,6 +159,7 @@ def run(device: str | None = None) -> int:
 
     _kv_cache_step(device, dtype)
     _quantized_projection(x, w_qkv)
+    _skiparse_stack(device, dtype)
 
     print("\nbenchmarks (difforge-bench norm attention kvcache formats --quick):")
     from difforge_bench.cli import main as bench_main

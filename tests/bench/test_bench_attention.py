@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from bench_testlib import run_bench  # puts the checkout's bench package on sys.path first
-from difforge_bench.families import attention  # noqa: E402
+from difforge_bench.families import attention, attention_skiparse  # noqa: E402
 from difforge_bench.impls import FWD, FWD_BWD  # noqa: E402
 from difforge_bench.registry import Shape, Unavailable  # noqa: E402
 
-SHAPES = {s.name: s for s in attention.SHAPES}
+SHAPES = {s.name: s for s in attention.FAMILY.shapes}
 CUDA_ONLY = ("sdpa-efficient", "sdpa-cudnn", "flash-attn", "flash-attn3")
 
 
@@ -46,8 +46,10 @@ def test_cpu_cases_cover_modes_masks_and_dtypes_with_the_flop_model():
 
 def test_quick_set_is_small_and_lq_ne_lk_runs_without_a_mask():
     quick = attention.FAMILY.select_shapes("cpu", quick=True, names=None)
-    assert {s.name for s in quick} == {"smoke", "smoke_kv"}
+    assert {s.name for s in quick} == {"smoke", "smoke_kv", "skiparse_smoke"}
     for shape in quick:
+        if shape.name in attention_skiparse.SHAPE_NAMES:
+            continue
         lq, lk = attention.seqlens(shape)
         assert shape.dims["B"] * shape.dims["H"] * lq * lk * shape.dims["D"] <= 1 << 25
     assert {c.config["mask"] for c in attention.cases("cpu", SHAPES["smoke_kv"])} == {"noncausal"}
@@ -125,3 +127,40 @@ def test_peak_memory_reports_every_implementation():
     for name in ("sdpa-flash", "sdpa-math", "eager"):
         peak, returned = found[name]
         assert peak >= 0 and returned == 64 * 2 * 128 * 4  # out: B=1, Lq=64, H=2, D=128, fp32
+
+
+# ---- Skiparse cases ----
+
+
+def _skiparse_case(shape: Shape, op: str, mode: str, skiparse_mode: str = "token"):
+    return next(
+        c for c in attention_skiparse.skiparse_cases("cpu", shape)
+        if c.op == op and c.mode == mode and c.config["mode"] == skiparse_mode
+    )  # fmt: skip
+
+
+def test_skiparse_flop_model_counts_the_padded_sparse_work():
+    shape = SHAPES["skiparse_cpu"]  # 4 x 18 x 32 -> 4 x 20 x 32 padded, P = 2
+    case = _skiparse_case(shape, "skiparse_attention", FWD)
+    assert case.flops == 4 * 1 * 4 * (4 * 20 * 32) ** 2 // 4 * 64
+    rearrange = _skiparse_case(shape, "skiparse_rearrange", FWD)
+    assert rearrange.bytes_moved == 2 * 4 * 20 * 32 * 4 * 64 * 4
+
+
+@pytest.mark.skipif(not _ours_available(), reason="needs the built extension")
+@pytest.mark.parametrize("mode", [FWD, FWD_BWD])
+@pytest.mark.parametrize("skiparse_mode", ["token", "group"])
+def test_skiparse_implementations_compute_the_same_attention(mode, skiparse_mode):
+    """The einops recipe (padding + key mask) and ours agree; the dense baselines compute dense attention."""
+    shape = Shape("tiny", {"B": 2, "T": 2, "Hg": 5, "Wg": 6, "H": 2, "D": 16, "P": 2}, "test")
+    case = _skiparse_case(shape, "skiparse_attention", mode, skiparse_mode)
+    inputs = case.make_inputs("cpu")
+    ours = case.ours(inputs)()
+    einops = case.baselines["einops-sdpa"](inputs)()
+    for got, want in zip(ours if mode == FWD_BWD else (ours,), einops if mode == FWD_BWD else (einops,)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    dense = case.baselines["dense-ours"](inputs)()
+    dense_sdpa = case.baselines["dense-sdpa"](inputs)()
+    if mode == FWD:
+        torch.testing.assert_close(dense_sdpa.transpose(1, 2), dense, atol=2e-5, rtol=2e-5)
+        assert not torch.allclose(dense, ours, atol=1e-3)  # sparse is not dense: the comparison is not vacuous

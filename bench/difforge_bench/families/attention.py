@@ -50,6 +50,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from difforge_bench.families import attention_skiparse
 from difforge_bench.impls import FWD, FWD_BWD, MODES, timed
 from difforge_bench.registry import Case, Family, Impl, Inputs, Shape, Unavailable
 
@@ -281,18 +282,21 @@ def _case(device: str, shape: Shape, mode: str, mask: str, dtype_name: str) -> C
 
 
 def cases(device: str, shape: Shape) -> list[Case]:
+    if shape.name in attention_skiparse.SHAPE_NAMES:
+        return attention_skiparse.skiparse_cases(device, shape)
     grid = itertools.product(MODES, _masks(shape), _dtypes(device))
     return [_case(device, shape, *point) for point in grid]
 
 
 FAMILY = Family(
     name="attention",
-    summary="flash attention (out, lse) on [B, L, H, D]: flash_attention",
-    shapes=SHAPES,
+    summary="flash attention (out, lse) on [B, L, H, D]: flash_attention; Skiparse-2D: skiparse_attention",
+    shapes=SHAPES + attention_skiparse.SHAPES,
     cases=cases,
     notes=(
         "TFLOP/s from 4*B*H*Lq*Lk*D per forward (halved when causal), fwd+bwd = 3.5x, for every implementation",
         "SDPA and eager run on contiguous [B, H, L, D] copies made before timing; ours and flash-attn on [B, L, H, D]",
+        "skiparse shapes: TFLOP/s count the sparse work (N'^2/G) for every implementation; read the speedups",
     ),
 )
 

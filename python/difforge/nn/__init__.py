@@ -9,6 +9,8 @@ from difforge.nn.formats import (
 )
 from difforge.nn.kvcache import FrameLayout, QuantizedKVCache
 from difforge.nn.norm import AdaLNModulate
+from difforge.nn.rope import apply_rope, rope_angles_3d, rope_split
+from difforge.nn.skiparse import SkiparseAttention, SkiparseLayout, dual_end_schedule
 
 __all__ = [
     "DEFAULT_SKIP_PATTERNS",
@@ -18,5 +20,11 @@ __all__ = [
     "NVFP4Linear",
     "QuantizationReport",
     "QuantizedKVCache",
+    "SkiparseAttention",
+    "SkiparseLayout",
+    "apply_rope",
+    "dual_end_schedule",
     "quantize_linears",
+    "rope_angles_3d",
+    "rope_split",
 ]

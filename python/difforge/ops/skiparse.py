@@ -16,7 +16,6 @@ the first two), in any dtype, reading and writing each element once.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -68,7 +67,6 @@ def _axis_count(mode: str, extent: int, digit: int, P: int) -> int:
     return (extent // (P * P)) * P + min(max(rest, 0), P)
 
 
-@functools.lru_cache(maxsize=256)
 def _valid_counts(grid: tuple[int, ...], P: int, mode: str, dims: int) -> tuple[int, ...]:
     T, H, W = _split_extents(grid, dims)
     counts = []
@@ -93,16 +91,48 @@ def skiparse_seqlens(
     """Valid tokens of every local row of the sparse layout: int32 ``[G_loc * batch]`` (row ``s * B + b``),
     the ``seqused_k`` of the attention over it. Sub-sequences of one mode hold different numbers of tokens
     once H or W is padded; a sub-sequence may hold none (token mode with H < P, say)."""
-    _check_mode(mode)
+    check_layout("skiparse_seqlens", grid, sparse_ratio, mode=mode, dims=dims, ssp_rank=ssp_rank, ssp_size=ssp_size)
     counts = _valid_counts(tuple(int(g) for g in grid), int(sparse_ratio), mode, int(dims))
     local = len(counts) // ssp_size
     rows = [c for c in counts[ssp_rank * local : (ssp_rank + 1) * local] for _ in range(batch)]
     return torch.tensor(rows, dtype=torch.int32).to(device or "cpu", non_blocking=True)
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in ("token", "group"):
-        raise ValueError(f'skiparse: mode must be "token" or "group", got {mode!r}')
+def check_layout(
+    op: str,
+    grid: Grid,
+    sparse_ratio: int,
+    *,
+    mode: str | None = None,
+    dims: int = 2,
+    ssp_rank: int = 0,
+    ssp_size: int = 1,
+    tokens: int | None = None,
+) -> int:
+    """The layout checks of bindings/skiparse_ops.h, for host-side code (Python helpers, SSP, nn): raises
+    ValueError naming ``op`` and the argument; returns the local sub-sequence count G / S."""
+    if mode is not None and mode not in ("token", "group"):
+        raise ValueError(f'{op}: mode must be "token" or "group", got {mode!r}')
+    if len(grid) != 3 or min(int(g) for g in grid) < 1:
+        raise ValueError(f"{op}: grid must be (T, H, W) with extents >= 1, got {tuple(grid)}")
+    if sparse_ratio < 1:
+        raise ValueError(f"{op}: sparse_ratio P must be >= 1, got {sparse_ratio}")
+    if dims not in (1, 2):
+        raise ValueError(f"{op}: dims must be 1 or 2 (Skiparse-1D or -2D), got {dims}")
+    groups = skiparse_groups(sparse_ratio, dims)
+    if ssp_size < 1 or groups % ssp_size:
+        what = f"P^2 = {groups}" if dims == 2 else f"P = {groups}"
+        raise ValueError(
+            f"{op}: the SSP size (world or group size) S = {ssp_size} must divide {what} (sparse_ratio P = "
+            f"{sparse_ratio}, dims = {dims}): SSP shards whole sub-sequences, so S | {groups}"
+        )
+    if not 0 <= ssp_rank < ssp_size:
+        raise ValueError(f"{op}: ssp_rank must be in [0, {ssp_size}), got {ssp_rank}")
+    if tokens is not None and tokens != grid[0] * grid[1] * grid[2]:
+        raise ValueError(
+            f"{op}: the input has {tokens} tokens but grid {tuple(grid)} has T*H*W = {grid[0] * grid[1] * grid[2]}"
+        )
+    return groups // ssp_size
 
 
 # ---- ops ----
@@ -175,9 +205,9 @@ def skiparse_attention(
     :func:`flash_attention` on ``[G*B, N'/G, H, D]`` with one key length per sub-sequence -> restore, so the
     cost is ~N^2/G and no mask is built. ``sparse_ratio=1`` is dense attention. Differentiable in q, k, v.
     """
-    _check_mode(mode)
     if q.dim() != 4:
         raise ValueError(f"skiparse_attention: q must be [B, N, H, D], got shape {tuple(q.shape)}")
+    check_layout("skiparse_attention", grid, sparse_ratio, mode=mode, dims=dims, tokens=q.shape[1])
     if sparse_ratio == 1:
         return flash_attention(q, k, v, scale=scale)[0]
     layout = dict(grid=grid, sparse_ratio=sparse_ratio, mode=mode, dims=dims)
