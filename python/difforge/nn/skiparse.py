@@ -68,7 +68,8 @@ class SkiparseLayout:
         self, grid: Sequence[int], sparse_ratio: int, *, batch: int, dims: int = 2, group: object | None = None
     ) -> None:
         self.grid, self.sparse_ratio, self.dims, self.batch, self.group = tuple(grid), sparse_ratio, dims, batch, group
-        self.ssp_size, self.ssp_rank = _group_size_rank(group)
+        comm = None if group is None else self._parallel().comm
+        self.ssp_size, self.ssp_rank = (1, 0) if comm is None else (comm.group_size(group), comm.group_rank(group))
         self.local_groups = skiparse_ops.check_layout(
             "SkiparseLayout", grid, sparse_ratio, dims=dims, ssp_rank=self.ssp_rank, ssp_size=self.ssp_size
         )
@@ -154,14 +155,6 @@ class SkiparseLayout:
         import difforge.parallel as parallel  # torch.distributed only when SSP is used
 
         return parallel
-
-
-def _group_size_rank(group: object | None) -> tuple[int, int]:
-    if group is None:
-        return 1, 0
-    import torch.distributed as dist
-
-    return dist.get_world_size(group), dist.get_rank(group)
 
 
 class SkiparseAttention(nn.Module):

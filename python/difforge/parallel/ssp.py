@@ -27,6 +27,7 @@ from torch import Tensor
 
 from difforge.ops.attention import flash_attention
 from difforge.ops.skiparse import (
+    _other,
     check_layout,
     skiparse_exchange_receive,
     skiparse_exchange_send,
@@ -42,10 +43,6 @@ from difforge.parallel.comm import BACKWARD_SUFFIX
 __all__ = ["gather_sequence", "shard_sequence", "ssp_attention", "ssp_enter", "ssp_exit", "ssp_switch"]
 
 # ---- validation ----
-
-
-def _other(mode: str) -> str:
-    return "group" if mode == "token" else "token"
 
 
 def _check_layout(fn: str, grid: Sequence[int], sparse_ratio: int, mode: str, dims: int, size: int) -> int:
