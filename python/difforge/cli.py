@@ -1,4 +1,4 @@
-"""`difforge` command line: `difforge info`, `difforge demo`."""
+"""`difforge` command line: `difforge info`, `difforge demo`, `difforge train`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,80 @@ def demo(args: argparse.Namespace) -> int:
     return run(device=args.device)
 
 
+def train(args: argparse.Namespace) -> int:
+    from difforge.pipelines.train_video import TrainConfig, train as run_training
+    from difforge.pipelines.train_profile import profile
+
+    cfg = TrainConfig(
+        model=args.config, steps=args.steps, out=args.out, resume=args.resume, attention=args.attention,
+        sparse_ratio=args.sparse_ratio, full_blocks=args.full_blocks, hif8=args.hif8, ssp=args.ssp, seed=args.seed,
+        lr=args.lr, grad_accum=args.grad_accum, data=args.data, num_samples=args.num_samples,
+        tokens_per_batch=args.tokens_per_batch, bucketing=args.bucketing, bucket_p=args.bucket_p,
+        per_frame_t=args.per_frame_t, fused_norm=not args.no_fused_norm, backend=args.backend,
+        ckpt_every=args.ckpt_every, log_every=args.log_every, device=args.device, precision=args.precision,
+        progress=not args.no_progress, ema_decay=args.ema_decay, warmup=args.warmup,
+        **({"sizes": args.sizes} if args.sizes else {}),
+    )  # fmt: skip
+    if args.profile:
+        profile(cfg, steps=args.profile_steps)
+        return 0
+    result = run_training(cfg)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(
+            f"trained {result.steps} steps ({result.params:,} parameters): loss {result.first_loss:.4f} -> "
+            f"{result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s, AdaptiveLoad p = {result.bucket_p:.3f}\n"
+            f"checkpoints, metrics.jsonl and loss.png in {result.out}"
+        )
+    return 0
+
+
+def _latent_sizes(text: str) -> tuple[tuple[int, int, int], ...]:
+    try:
+        sizes = tuple(tuple(int(v) for v in item.split("x")) for item in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(len(s) != 3 or min(s) < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected T x H x W shapes like 4x16x16,8x32x32, got {text!r}")
+    return sizes
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a video DiT (flow matching) on synthetic or sharded latents")
+    p.add_argument("--config", default="tiny", help="model config: tiny, small, mid, wan-1.3b (default: tiny)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (total, including resumed ones)")
+    p.add_argument("--out", default="runs/train", help="checkpoints, metrics.jsonl and loss.png go here")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--attention", choices=("full", "hybrid"), default="full", help="hybrid: dual_end Skiparse")
+    p.add_argument("--sparse-ratio", type=int, default=2, help="Skiparse sparse ratio P (hybrid attention)")
+    p.add_argument("--full-blocks", type=int, default=None, help="dense blocks of the dual_end schedule")
+    p.add_argument("--hif8", action="store_true", help="HiF8 linears (OSP-Next training recipe)")
+    p.add_argument("--ssp", type=int, default=1, help="sequence-parallel degree S (divides the process count)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=10, help="linear learning-rate warmup steps")
+    p.add_argument("--ema-decay", type=float, default=0.99)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of safetensors latent shards")
+    p.add_argument("--num-samples", type=int, default=1024, help="synthetic dataset size")
+    p.add_argument("--sizes", type=_latent_sizes, default=None,
+                   help="synthetic latent shapes, e.g. 4x16x16,8x32x32 (T x H x W; default: four shapes up to 8x32x32)")
+    p.add_argument("--tokens-per-batch", type=int, default=2048, help="AdaptiveLoad memory budget M_mem (tokens)")
+    p.add_argument("--bucketing", choices=("adaptive", "equal-token"), default="adaptive")
+    p.add_argument("--bucket-p", type=float, default=None, help="AdaptiveLoad exponent p (default: calibrated)")
+    p.add_argument("--per-frame-t", action="store_true", help="an independent time per latent frame")
+    p.add_argument("--no-fused-norm", action="store_true", help="eager PyTorch norms (the baseline)")
+    p.add_argument("--backend", choices=("difforge", "sdpa"), default="difforge", help="attention kernels")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of training, measure tokens/s with each feature toggled; writes a report to --out")
+    p.add_argument("--profile-steps", type=int, default=6, help="timed steps per variant with --profile")
+    p.set_defaults(func=train)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="difforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,8 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run the main job end to end and print the bench table")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=demo)
+    _add_train_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from difforge.pipelines.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ValueError, CheckpointError) as err:  # bad input: a clear message, not a traceback
+        print(f"difforge {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """torch.nn modules built on difforge.ops."""
 
+from difforge.nn.dit_block import CrossAttention, FrameModulation, HybridDiTBlock, ModulatedNorm
 from difforge.nn.formats import (
     DEFAULT_SKIP_PATTERNS,
     HiF8Linear,
@@ -10,16 +11,21 @@ from difforge.nn.formats import (
 from difforge.nn.kvcache import FrameLayout, QuantizedKVCache
 from difforge.nn.norm import AdaLNModulate
 from difforge.nn.rope import apply_rope, rope_angles_3d, rope_split
-from difforge.nn.skiparse import SkiparseAttention, SkiparseLayout, dual_end_schedule
+from difforge.nn.skiparse import SequenceLayout, SkiparseAttention, SkiparseLayout, dual_end_schedule
 
 __all__ = [
     "DEFAULT_SKIP_PATTERNS",
     "AdaLNModulate",
+    "CrossAttention",
+    "FrameModulation",
+    "HybridDiTBlock",
+    "ModulatedNorm",
     "FrameLayout",
     "HiF8Linear",
     "NVFP4Linear",
     "QuantizationReport",
     "QuantizedKVCache",
+    "SequenceLayout",
     "SkiparseAttention",
     "SkiparseLayout",
     "apply_rope",

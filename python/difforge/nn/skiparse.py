@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difforge.nn.rope import apply_rope
@@ -28,6 +29,7 @@ from difforge.ops import attention as attention_ops
 from difforge.ops import skiparse as skiparse_ops
 
 Kind = Literal["full", "token", "group"]
+Backend = Literal["difforge", "sdpa"]
 
 
 def dual_end_schedule(num_layers: int, num_full_blocks: int) -> list[Kind]:
@@ -48,7 +50,86 @@ def dual_end_schedule(num_layers: int, num_full_blocks: int) -> list[Kind]:
     ]
 
 
-class SkiparseLayout:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, seqused_k: Tensor | None = None,
+    backend: Backend = "difforge",
+) -> Tensor:
+    """Attention of ``[rows, Lq, heads, D]`` queries over ``[rows, Lk, heads, D]`` keys/values, row ``r`` seeing
+    its first ``seqused_k[r]`` keys (all when None), by difforge's flash attention or by torch SDPA."""
+    if backend == "difforge":
+        return attention_ops.flash_attention(q, k, v, scale=scale, seqused_k=seqused_k)[0]
+    mask = None
+    if seqused_k is not None:
+        # A row with no valid key holds only padding (discarded): let it see key 0 rather than produce NaN.
+        used = seqused_k.to(k.device).clamp_min(1)
+        mask = (torch.arange(k.shape[1], device=k.device) < used[:, None])[:, None, None]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+class SequenceLayout:
+    """The full (dense) layout of a DiT activation: ``[B, N, C]`` in original token order, under sequence
+    parallelism this rank's contiguous shard ``[B, N/S, C]`` with attention by Ulysses. The base of
+    :class:`SkiparseLayout`, and the layout of a model whose blocks are all full.
+
+    Args:
+        grid: latent grid (T, H, W) after patchify, N = T*H*W.
+        batch: B.
+        group: a torch.distributed process group to shard the sequence over; None for one process.
+        backend: ``"difforge"`` (flash attention with per-row key lengths) or ``"sdpa"``
+            (``torch.nn.functional.scaled_dot_product_attention`` with a key-padding mask: the plain-PyTorch
+            baseline). Ulysses runs under either.
+    """
+
+    def __init__(
+        self, grid: Sequence[int], *, batch: int, group: object | None = None, backend: Backend = "difforge"
+    ) -> None:
+        if backend not in ("difforge", "sdpa"):
+            raise ValueError(f'{type(self).__name__}: backend must be "difforge" or "sdpa", got {backend!r}')
+        self.grid, self.batch, self.group, self.backend = tuple(int(g) for g in grid), batch, group, backend
+        comm = None if group is None else self._parallel().comm
+        self.ssp_size, self.ssp_rank = (1, 0) if comm is None else (comm.group_size(group), comm.group_rank(group))
+        self.kind: Kind = "full"
+
+    @property
+    def batch_repeat(self) -> int:
+        """Rows per sample in the current layout: row r holds sample ``r % batch``."""
+        return 1
+
+    def to(self, x: Tensor, kind: Kind) -> Tensor:
+        if kind != "full":
+            raise ValueError(f'SequenceLayout.to: a dense layout only has kind "full", got {kind!r}')
+        return x
+
+    def seqlens(self, device: torch.device) -> Tensor | None:
+        """Valid keys per local row (None: every row attends to all keys)."""
+        return None
+
+    def arrange(self, t: Tensor) -> Tensor:
+        """A per-token tensor ``[B, N, ...]`` in original order, the same on every rank (e.g. per-token modulation)
+        -> the local rows of the current layout, the way x is laid out. Differentiable."""
+        return t if self.group is None else t.chunk(self.ssp_size, dim=1)[self.ssp_rank]
+
+    def arrange_angles(self, angles: Tensor) -> Tensor:
+        """A per-token table ``[N, X]`` in original order (e.g. RoPE angles) -> the current layout, broadcastable
+        against ``[rows, L, heads, X]``: ``[1, N(/S), 1, X]`` full, ``[G/S * B, N'/G, 1, X]`` sparse."""
+        return self.arrange(angles[None])[:, :, None]
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+        """Self-attention of ``[rows, L, heads, D]`` tensors in the current layout: dense over the sequence
+        (Ulysses when sharded) when full, per sub-sequence with its valid keys only when sparse."""
+        if self.kind == "full" and self.group:
+            return self._parallel().ulysses_attention(q, k, v, group=self.group, scale=scale)
+        return attend(q, k, v, scale=scale, seqused_k=self.seqlens(q.device), backend=self.backend)
+
+    @staticmethod
+    def _parallel():
+        import difforge.parallel as parallel  # torch.distributed only when SSP is used
+
+        return parallel
+
+
+class SkiparseLayout(SequenceLayout):
     """Where a DiT activation currently lives, and the moves between layouts.
 
     ``full``: ``[B, N, C]`` in original token order (under SSP, this rank's sequence shard ``[B, N/S, C]``).
@@ -62,24 +143,29 @@ class SkiparseLayout:
         batch: B.
         group: a torch.distributed process group for Sparse Sequence Parallelism (its size S divides G);
             None for one process.
+        backend: as in :class:`SequenceLayout`.
     """
 
     def __init__(
-        self, grid: Sequence[int], sparse_ratio: int, *, batch: int, dims: int = 2, group: object | None = None
+        self,
+        grid: Sequence[int],
+        sparse_ratio: int,
+        *,
+        batch: int,
+        dims: int = 2,
+        group: object | None = None,
+        backend: Backend = "difforge",
     ) -> None:
-        self.grid, self.sparse_ratio, self.dims, self.batch, self.group = tuple(grid), sparse_ratio, dims, batch, group
-        comm = None if group is None else self._parallel().comm
-        self.ssp_size, self.ssp_rank = (1, 0) if comm is None else (comm.group_size(group), comm.group_rank(group))
+        super().__init__(grid, batch=batch, group=group, backend=backend)
+        self.sparse_ratio, self.dims = sparse_ratio, dims
         self.local_groups = skiparse_ops.check_layout(
             "SkiparseLayout", grid, sparse_ratio, dims=dims, ssp_rank=self.ssp_rank, ssp_size=self.ssp_size
         )
-        self.kind: Kind = "full"
         self._seqlens: dict[tuple[str, torch.device], Tensor] = {}
         self._angles: dict[str, tuple[Tensor, Tensor]] = {}
 
     @property
     def batch_repeat(self) -> int:
-        """Rows per sample in the current layout: row r holds sample ``r % batch``."""
         return 1 if self.kind == "full" else self.local_groups
 
     def to(self, x: Tensor, kind: Kind) -> Tensor:
@@ -114,7 +200,6 @@ class SkiparseLayout:
         return parallel.ssp_switch(x, self.grid, self.sparse_ratio, self.kind, dims=self.dims, group=self.group)
 
     def seqlens(self, device: torch.device) -> Tensor | None:
-        """Valid keys per local row of the current sparse layout (None in the full layout)."""
         if self.kind == "full":
             return None
         key = (self.kind, torch.device(device))
@@ -125,36 +210,23 @@ class SkiparseLayout:
             )  # fmt: skip
         return self._seqlens[key]
 
-    def arrange_angles(self, angles: Tensor) -> Tensor:
-        """A per-token table ``[N, X]`` in original order (e.g. RoPE angles) -> the current layout, broadcastable
-        against ``[rows, L, heads, X]``: ``[1, N(/S), 1, X]`` full, ``[G/S * B, N'/G, 1, X]`` sparse."""
+    def arrange(self, t: Tensor) -> Tensor:
         if self.kind == "full":
-            if self.group:
-                angles = angles.chunk(self.ssp_size)[self.ssp_rank]
-            return angles[None, :, None]
+            return super().arrange(t)
+        return skiparse_ops.skiparse_rearrange(
+            t, self.grid, self.sparse_ratio, self.kind, dims=self.dims, ssp_rank=self.ssp_rank, ssp_size=self.ssp_size
+        )
+
+    def arrange_angles(self, angles: Tensor) -> Tensor:
+        if self.kind == "full":
+            return super().arrange_angles(angles)
         # Every block of one kind reuses the table: cached per kind for the same table object.
         source, arranged = self._angles.get(self.kind, (None, None))
         if source is not angles:
-            sparse = skiparse_ops.skiparse_rearrange(
-                angles[None], self.grid, self.sparse_ratio, self.kind, dims=self.dims, ssp_rank=self.ssp_rank,
-                ssp_size=self.ssp_size,
-            )  # fmt: skip
-            arranged = sparse.repeat_interleave(self.batch, dim=0)[:, :, None]
+            # Rows s * B + b all hold sub-sequence s: arrange one copy, then give each sample its own.
+            arranged = self.arrange(angles[None]).repeat_interleave(self.batch, dim=0)[:, :, None]
             self._angles[self.kind] = (angles, arranged)
         return arranged
-
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
-        """Self-attention of ``[rows, L, heads, D]`` tensors in the current layout: dense over the sequence
-        (Ulysses under SSP) when full, per sub-sequence with its valid keys only when sparse."""
-        if self.kind == "full" and self.group:
-            return self._parallel().ulysses_attention(q, k, v, group=self.group, scale=scale)
-        return attention_ops.flash_attention(q, k, v, scale=scale, seqused_k=self.seqlens(q.device))[0]
-
-    @staticmethod
-    def _parallel():
-        import difforge.parallel as parallel  # torch.distributed only when SSP is used
-
-        return parallel
 
 
 class SkiparseAttention(nn.Module):
@@ -186,7 +258,7 @@ class SkiparseAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, layout: SkiparseLayout, angles: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, layout: SequenceLayout, angles: Tensor | None = None) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
         q, k = self.q_norm(q), self.k_norm(k)
         if angles is not None:

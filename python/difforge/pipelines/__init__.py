@@ -1,0 +1,1 @@
+"""Training and sampling pipelines assembled from difforge.nn, difforge.models and difforge.data."""

@@ -1,0 +1,66 @@
+"""Training metrics as JSON lines (one object per logged step) and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON object per call to ``path``. A resumed run first drops the lines of steps after its
+    checkpoint (they are replayed), so the file always reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, *, enabled: bool = True, truncate_after: int = 0) -> None:
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after] if truncate_after else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; a last line cut short by a crash is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def plot_loss(metrics_path: Path, png_path: Path, *, title: str = "flow-matching loss") -> Path:
+    """Loss vs step (raw and a 20-step moving average, log scale) from a metrics file, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(metrics_path) if "loss" in r and math.isfinite(r["loss"])]
+    steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
+    window = 20
+    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+              for i in range(len(losses))]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label=f"{window}-step mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
