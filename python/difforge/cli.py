@@ -59,7 +59,7 @@ def train(args: argparse.Namespace) -> int:
         per_frame_t=args.per_frame_t, fused_norm=not args.no_fused_norm, backend=args.backend,
         ckpt_every=args.ckpt_every, log_every=args.log_every, device=args.device, precision=args.precision,
         progress=not args.no_progress, ema_decay=args.ema_decay, warmup=args.warmup,
-        **({"sizes": args.sizes} if args.sizes else {}),
+        fsdp=args.fsdp, **({"sizes": args.sizes} if args.sizes else {}),
     )  # fmt: skip
     if args.profile:
         profile(cfg, steps=args.profile_steps)
@@ -68,7 +68,8 @@ def train(args: argparse.Namespace) -> int:
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(
             f"trained {result.steps} steps ({result.params:,} parameters): loss {result.first_loss:.4f} -> "
-            f"{result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s, AdaptiveLoad p = {result.bucket_p:.3f}\n"
+            f"{result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s, AdaptiveLoad p = {result.bucket_p:.3f}, "
+            f"rank imbalance {100 * result.imbalance:.1f}%\n"
             f"checkpoints, metrics.jsonl and loss.png in {result.out}"
         )
     return 0
@@ -95,6 +96,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--full-blocks", type=int, default=None, help="dense blocks of the dual_end schedule")
     p.add_argument("--hif8", action="store_true", help="HiF8 linears (OSP-Next training recipe)")
     p.add_argument("--ssp", type=int, default=1, help="sequence-parallel degree S (divides the process count)")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard over the processes instead of DDP")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=10, help="linear learning-rate warmup steps")

@@ -145,16 +145,30 @@ def test_ssp_two_processes_equal_one_process_step():
             assert value["grad_rel_err"] < 1e-4, (name, value)
 
 
+def torchrun(out, *extra):
+    return run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                    "difforge", "train", "--out", str(out), *CLI_FAST, *extra])  # fmt: skip
+
+
 @pytest.mark.distributed
-def test_torchrun_ssp_cli_matches_single_process(tmp_path):
-    """`torchrun --nproc-per-node 2 -m difforge train --ssp 2 --attention hybrid`: same losses as one process."""
-    extra = ["--attention", "hybrid", "--full-blocks", "4", "--steps", "3", "--ckpt-every", "3"]
+def test_torchrun_ssp_ddp_and_fsdp_match_single_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m difforge train --ssp 2 --attention hybrid` (DDP), and the same with --fsdp
+    stopped after 2 steps and resumed: the losses and final weights of one process."""
+    extra = ["--attention", "hybrid", "--full-blocks", "4", "--steps", "3", "--ckpt-every", "2"]
     single = run_cli([*cli(tmp_path / "one"), *extra])
     assert single.returncode == 0, single.stderr
-    two = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                   "difforge", "train", "--ssp", "2", "--out", str(tmp_path / "two"), *CLI_FAST, *extra])  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4, atol=0)
+    ddp = torchrun(tmp_path / "ddp", "--ssp", "2", *extra)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    torch.testing.assert_close(losses(tmp_path / "ddp"), losses(tmp_path / "one"), rtol=1e-4, atol=0)
+    first = torchrun(tmp_path / "fsdp", "--ssp", "2", "--fsdp", *extra[:-4], "--steps", "2", "--ckpt-every", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(tmp_path / "fsdp", "--ssp", "2", "--fsdp", "--resume", *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    torch.testing.assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "one"), rtol=1e-4, atol=0)
+    want, got = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "fsdp")
+    assert got.step == 3
+    for name, tensor in want.tensors["model"].items():
+        torch.testing.assert_close(got.tensors["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ---- bad input ----
@@ -170,6 +184,7 @@ def test_torchrun_ssp_cli_matches_single_process(tmp_path):
         (["--steps", "0"], "steps must be >= 1"),
         (["--bucket-p", "2.5"], "bucket_p must be in (1, 2]"),
         (["--data", "/nonexistent/shards"], "/nonexistent/shards"),
+        (["--fsdp"], "--fsdp shards over processes"),
     ],
 )
 def test_bad_arguments_give_clear_errors(tmp_path, args, message):

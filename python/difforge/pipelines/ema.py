@@ -25,17 +25,6 @@ class EMA:
         for name, p in model.named_parameters():
             self.shadow[name].lerp_(p.detach().float(), 1 - decay)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: dict[str, Tensor], updates: int) -> None:
-        missing = sorted(set(self.shadow) - set(state))
-        if missing:
-            raise KeyError(f"EMA.load_state_dict: missing parameters {missing[:5]}")
-        for name, value in self.shadow.items():
-            value.copy_(state[name])
-        self.updates = updates
-
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Writes the averaged weights into ``model`` (e.g. a copy used for sampling)."""

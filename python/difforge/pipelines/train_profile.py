@@ -6,7 +6,8 @@ Variants (same weights init, same batch, same optimizer; full training steps: fo
 * ``plain PyTorch``: eager LayerNorm/modulate/gated-residual chain, torch SDPA, dense attention, fp32 linears;
 * one feature on top of plain: ``fused norm`` (difforge adaLN kernels), ``difforge attention`` (flash kernels),
   ``hybrid Skiparse`` (dual_end schedule; its plain twin masks padded keys in SDPA), ``HiF8`` linears;
-* ``all difforge``: every feature on.
+* ``all difforge but HiF8`` and ``all difforge``: every feature on (HiF8 is an emulation off CUDA: QDQ + fp32
+  GEMMs, slower than fp32 by construction; on CUDA it runs FP8 tensor-core GEMMs).
 
 Speed is reported as a ratio to the plain variant measured in the same process (machines are noisy).
 """
@@ -18,6 +19,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -33,6 +35,7 @@ VARIANTS: dict[str, dict] = {
     "difforge attention": dict(backend="difforge"),
     "hybrid Skiparse": dict(attention="hybrid"),
     "HiF8 linears": dict(hif8=True),
+    "all difforge but HiF8": dict(fused_norm=True, backend="difforge", attention="hybrid"),
     "all difforge": dict(fused_norm=True, backend="difforge", attention="hybrid", hif8=True),
 }
 
@@ -82,7 +85,7 @@ def profile(cfg: TrainConfig, *, steps: int = 6, shape: tuple[int, int, int] | N
     report = {
         "model": cfg.model, "shape": [batch, T, H, W], "tokens_per_step": batch * tokens_per_sample,
         "sparse_ratio": cfg.sparse_ratio, "device": _device_name(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "steps": steps, "rows": rows,
+        "threads": torch.get_num_threads(), "steps": steps, "git_revision": _git_revision(), "rows": rows,
     }  # fmt: skip
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,15 @@ def profile(cfg: TrainConfig, *, steps: int = 6, shape: tuple[int, int, int] | N
     (out / "profile.md").write_text(table)
     print(table)
     return report
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _device_name(device: torch.device) -> str:
@@ -105,7 +117,8 @@ def _markdown(report: dict) -> str:
         f"# Training throughput: {report['model']}, batch {B} x (T, H, W) = ({T}, {H}, {W}) latents, "
         f"{report['tokens_per_step']} tokens/step",
         "",
-        f"{report['device']}, torch {report['torch']}, median of {report['steps']} steps (fwd + bwd + AdamW)",
+        f"{report['device']}, torch {report['torch']}, git {report['git_revision']}, median of {report['steps']} "
+        "steps (fwd + bwd + AdamW)",
         "",
         "| variant | step (ms) | tokens/s | vs plain PyTorch |",
         "|---|---|---|---|",

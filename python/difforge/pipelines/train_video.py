@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from difforge.data import AdaptiveLoadSampler, EqualTokenSampler, ShardDataset, SyntheticVideoDataset, calibrate_p
 from difforge.models import VideoDiT, VideoDiTConfig, video_dit_config
 from difforge.pipelines import checkpoint as ckpt
+from difforge.pipelines import sharding
 from difforge.pipelines.ema import EMA
 from difforge.pipelines.flow_matching import logit_normal_timesteps, noisy_latents
 from difforge.pipelines.metrics import MetricsLog, plot_loss
@@ -54,6 +55,7 @@ class TrainConfig:
     backend: str = "difforge"  # "difforge" | "sdpa"
     hif8: bool = False
     ssp: int = 1
+    fsdp: bool = False  # FSDP2 fully_shard across the world instead of DDP
     steps: int = 200
     out: str = "runs/train"
     resume: bool = False
@@ -126,6 +128,7 @@ class TrainResult:
     bucket_p: float
     tokens_per_s: float
     params: int
+    imbalance: float  # mean over steps of the ranks' forward-time imbalance rate (0 for one process)
 
 
 # ---- processes ----
@@ -332,31 +335,35 @@ def train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out)
     model = build_model(cfg, procs.device)
     dataset = _dataset(cfg, model_config)
-    ema = EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    start_step, bucket_p = 0, cfg.bucket_p
     expected = {**cfg.identity(), "world_size": procs.world}
     resumed = ckpt.latest_checkpoint(out) if cfg.resume else None
-    if resumed is not None:
-        state = ckpt.load_checkpoint(resumed, map_location=procs.device, expected=expected)
-        model.load_state_dict(state.tensors["model"])
-        ema.load_state_dict(state.tensors["ema"], state.meta["ema_updates"])
-        ckpt.load_optimizer_state(optimizer, state.tensors["optimizer"], state.meta["optimizer"])
-        ckpt.set_rng_state(state.tensors.get("rng", {}), state.meta.get("rng", {}))
-        start_step, bucket_p = state.step, state.meta["bucket_p"]
-        logger.info("resumed from %s at step %d", state.path, start_step)
-    elif cfg.resume:
+    state = None if resumed is None else ckpt.load_checkpoint(resumed, map_location=procs.device, expected=expected)
+    if cfg.resume and state is None:
         logger.info("--resume: no checkpoint in %s, starting from scratch", out)
-    if bucket_p is None:
+    bucket_p = cfg.bucket_p if state is None else state.meta["bucket_p"]
+    if bucket_p is None:  # measured on the unwrapped model, before any sharding
         bucket_p = _calibrate_bucket_p(model, dataset, procs) if cfg.bucketing == "adaptive" else 1.5
     sampler = _sampler(cfg, dataset, model_config.patch, bucket_p, procs)
 
     predictor: nn.Module = _TokenPredictor(model)
     if procs.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        predictor = DistributedDataParallel(predictor, device_ids=[procs.device] if procs.device.type == "cuda" else None)
+        predictor = sharding.wrap_data_parallel(predictor, model.blocks, procs.device, cfg.fsdp)
+    elif cfg.fsdp:
+        raise ValueError("difforge train: --fsdp shards over processes; run it with torchrun --nproc-per-node N > 1")
+    # After wrapping: FSDP2 replaces the parameters by sharded ones, which the EMA and the optimizer must hold.
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_step = 0
+    if state is not None:
+        sharding.load_full_model_state(model, state.tensors["model"], cfg.fsdp)
+        sharding.load_shadow(ema.shadow, state.tensors["ema"])
+        ema.updates = state.meta["ema_updates"]
+        sharding.load_full_optimizer_state(model, optimizer, state.tensors["optimizer"], state.meta["optimizer"],
+                                           cfg.fsdp)  # fmt: skip
+        ckpt.set_rng_state(state.tensors.get("rng", {}), state.meta.get("rng", {}))
+        start_step = state.step
+        logger.info("resumed from %s at step %d", state.path, start_step)
 
     metrics = MetricsLog(out / "metrics.jsonl", enabled=procs.main, truncate_after=start_step)
     if procs.main:
@@ -366,12 +373,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     progress = _progress(cfg, procs, start_step)
     first_loss = final_loss = float("nan")
     tokens_per_s: list[float] = []
+    imbalances: list[float] = []
     plans: dict[int, list[list[int]]] = {}
     for step in range(start_step, cfg.steps):
         start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(cfg, step)
-        loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
+        loss_sum, tokens, forward_s = torch.zeros((), dtype=torch.float64), 0, 0.0
         for k in range(cfg.grad_accum):
             micro = step * cfg.grad_accum + k
             epoch, index = divmod(micro, len(sampler))
@@ -381,7 +389,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             sync = k == cfg.grad_accum - 1 or procs.world == 1
             with (contextlib.nullcontext() if sync else predictor.no_sync()), _autocast(procs.device, cfg.precision):
                 generator = micro_step_generator(cfg.seed, micro, procs.dp_rank)
+                forward_start = time.perf_counter()
                 loss = flow_matching_loss(predictor, model, latents, context, generator, cfg, procs.ssp_group)
+                _sync(procs.device)
+                forward_s += time.perf_counter() - forward_start
             # DDP averages over all world ranks; an SSP group's ranks hold parts of one batch's loss.
             (loss * (procs.ssp / cfg.grad_accum)).backward()
             loss_sum += loss.detach().double().cpu()
@@ -390,7 +401,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model)
-        step_loss, global_tokens = _reduce_metrics(loss_sum / cfg.grad_accum, tokens, procs)
+        step_loss, global_tokens, imbalance = _reduce_metrics(loss_sum / cfg.grad_accum, tokens, forward_s, procs)
+        imbalances.append(imbalance)
         _sync(procs.device)
         elapsed = time.perf_counter() - start
         done = step + 1
@@ -400,7 +412,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if done % cfg.log_every == 0 or done == cfg.steps:
             metrics.write(step=done, loss=step_loss, grad_norm=grad_norm, lr=_learning_rate(cfg, step),
                           tokens=global_tokens, step_time_s=elapsed, tokens_per_s=global_tokens / elapsed,
-                          epoch=micro // len(sampler), shape=list(latents.shape[2:]))  # fmt: skip
+                          epoch=micro // len(sampler), shape=list(latents.shape[2:]), imbalance=imbalance)  # fmt: skip
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4f}")
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
@@ -412,33 +424,40 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(
         steps=cfg.steps, first_loss=first_loss, final_loss=final_loss, out=out, bucket_p=bucket_p,
         tokens_per_s=sum(steady) / max(len(steady), 1), params=sum(p.numel() for p in model.parameters()),
+        imbalance=sum(imbalances) / max(len(imbalances), 1),
     )  # fmt: skip
 
 
 def _clip(model: nn.Module, max_norm: float) -> float:
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    """Clips the global gradient norm (over all shards under FSDP) to ``max_norm`` (0: no clipping); returns it."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def _reduce_metrics(loss: Tensor, tokens: int, procs: _Procs) -> tuple[float, int]:
-    """The step's loss (mean over data-parallel groups) and token count over the whole world."""
+def _reduce_metrics(loss: Tensor, tokens: int, forward_s: float, procs: _Procs) -> tuple[float, int, float]:
+    """The step's loss (mean over data-parallel groups), token count over the whole world, and the imbalance rate
+    of the ranks' forward times, (max - mean) / mean (spec §9; backward waits on the gradient all-reduce, so only
+    the forward shows a rank's own compute)."""
     if procs.world == 1:
-        return float(loss), tokens
-    both = torch.tensor([float(loss), tokens / procs.ssp], dtype=torch.float64, device=procs.device)
-    dist.all_reduce(both)
-    return float(both[0]) / procs.dp, round(float(both[1]))
+        return float(loss), tokens, 0.0
+    mine = torch.tensor([float(loss), tokens / procs.ssp, forward_s], dtype=torch.float64, device=procs.device)
+    every = [torch.empty_like(mine) for _ in range(procs.world)]
+    dist.all_gather(every, mine)
+    stacked = torch.stack(every).cpu()
+    times = stacked[:, 2]
+    return float(stacked[:, 0].sum()) / procs.dp, round(float(stacked[:, 1].sum())), float(times.max() / times.mean() - 1)
 
 
 def _save(out: Path, step: int, model, ema: EMA, optimizer, cfg: TrainConfig, procs: _Procs, bucket_p, expected):
+    # Gathering sharded state is a collective: every rank takes part, rank 0 writes.
+    model_state = sharding.full_model_state(model, cfg.fsdp)
+    ema_state = sharding.full_shadow(ema.shadow)
+    opt_tensors, opt_meta = sharding.full_optimizer_state(model, optimizer, cfg.fsdp)
     if procs.main:
-        opt_tensors, opt_meta = ckpt.optimizer_state_tensors(optimizer)
         rng_tensors, rng_meta = ckpt.rng_state()
         ckpt.save_checkpoint(
             out, step=step, keep=cfg.keep,
-            tensors={"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors,
-                     "rng": rng_tensors},
+            tensors={"model": model_state, "ema": ema_state, "optimizer": opt_tensors, "rng": rng_tensors},
             meta={"config": expected, "model_config": cfg.model_config().to_dict(), "ema_updates": ema.updates,
                   "optimizer": opt_meta, "rng": rng_meta, "bucket_p": bucket_p},
         )  # fmt: skip
