@@ -44,7 +44,7 @@ def info(_args: argparse.Namespace) -> int:
 def demo(args: argparse.Namespace) -> int:
     from difforge.demo import run
 
-    return run(device=args.device)
+    return run(device=args.device, out=args.out)
 
 
 def train(args: argparse.Namespace) -> int:
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="print the build configuration and the registered ops").set_defaults(func=info)
     p = sub.add_parser("demo", help="run the main job end to end and print the bench table")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (training run, plots)")
     p.set_defaults(func=demo)
     _add_train_parser(sub)
     args = parser.parse_args(argv)

@@ -7,8 +7,9 @@ ops, forward and backward; it is checked against the plain-PyTorch composition (
 Then a 3-frame chunk attends to 12 cached frames stored at INT2: the attention mass the chunk gives
 itself, without and with the Jensen correction, against the unquantized cache. Then the block's QKV
 projection runs with HiF8 (training recipe) and NVFP4 (rollout) weights, and a hybrid full/Skiparse attention
-stack (OSP-Next dual_end schedule) runs against the all-full stack. Finally the norm, attention, kvcache and
-formats benchmark tables are printed.
+stack (OSP-Next dual_end schedule) runs against the all-full stack. Then the tiny video DiT trains for
+40 steps (hybrid Skiparse, HiF8, fused norms; outputs in ``<out>/train``). Finally the norm, attention, kvcache
+and formats benchmark tables are printed.
 """
 
 from __future__ import annotations
@@ -126,7 +127,21 @@ def _skiparse_stack(device: str, dtype: torch.dtype) -> None:
           f"({seconds['full'] / seconds['dual_end']:.2f}x)")
 
 
-def run(device: str | None = None) -> int:
+def _train_tiny(device: str, out: str) -> None:
+    """The tiny video DiT, hybrid Skiparse + HiF8 + fused norms, trained briefly by flow matching."""
+    from difforge.pipelines.train_video import TrainConfig, train
+
+    cfg = TrainConfig(
+        steps=40, out=f"{out}/train", attention="hybrid", hif8=True, sizes=((4, 8, 8), (4, 8, 16), (8, 16, 16)),
+        tokens_per_batch=512, num_samples=256, device=device, progress=False, ckpt_every=40,
+    )  # fmt: skip
+    print(f"\ntraining the tiny video DiT ({cfg.steps} steps, hybrid Skiparse + HiF8, AdaptiveLoad buckets):")
+    result = train(cfg)
+    print(f"  loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s, "
+          f"calibrated AdaptiveLoad p = {result.bucket_p:.2f}; checkpoint, metrics.jsonl, loss.png in {result.out}")
+
+
+def run(device: str | None = None, out: str = "runs/demo") -> int:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     B, L, D = 2, 1024, 1536  # Wan2.1-1.3B width
@@ -160,6 +175,7 @@ def run(device: str | None = None) -> int:
     _kv_cache_step(device, dtype)
     _quantized_projection(x, w_qkv)
     _skiparse_stack(device, dtype)
+    _train_tiny(device, out)
 
     print("\nbenchmarks (difforge-bench norm attention kvcache formats --quick):")
     from difforge_bench.cli import main as bench_main

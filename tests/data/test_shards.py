@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import difforge._durable as durable
 import difforge.data.shards as shards_module
 from difforge.data import ShardDataset, SyntheticVideoDataset, write_shards
 
@@ -232,7 +233,7 @@ def test_writer_creates_the_folder(tmp_path):
 
 
 def test_crash_mid_write_leaves_no_partial_shard(tmp_path, monkeypatch):
-    real_save = shards_module.save_file
+    real_save = durable.save_file
     calls = []
 
     def crash_on_second(tensors, filename, metadata=None):
@@ -243,7 +244,7 @@ def test_crash_mid_write_leaves_no_partial_shard(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(shards_module, "save_file", crash_on_second)
+    monkeypatch.setattr(durable, "save_file", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         write_shards(tmp_path, make_samples(6), samples_per_shard=3)
     assert Path(calls[1]).parent == tmp_path and not str(calls[1]).endswith(".safetensors")

@@ -226,7 +226,7 @@ def test_overwrite_is_atomic_and_a_failed_write_keeps_the_old_file(tmp_path, mon
             f.write(before[:10])  # a torn write
         raise OSError("disk full")
 
-    monkeypatch.setattr("difforge.formats.io.save_file", crash)
+    monkeypatch.setattr("difforge._durable.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         F.save_quantized(path, {"c": F.quantize(_randn(4, 16), "hif8")})
     assert path.read_bytes() == after and after != before

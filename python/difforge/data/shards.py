@@ -24,16 +24,15 @@ import argparse
 import itertools
 import operator
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from difforge._durable import fsync_dir, save_safetensors_atomic
 from difforge.data.buckets import _patch_tokens
 
 FORMAT = "difforge-video-latents"
@@ -44,37 +43,6 @@ _STORED_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "B
 
 def _shard_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.glob("*.safetensors") if path.is_file())
-
-
-def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Writes a safetensors file so that a crash leaves either no file or the complete one at ``path``."""
-    # A fresh name rather than mkstemp: mkstemp's file is private (0600), shards should get the umask's mode.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes renames and removals in ``folder`` durable; not every platform can open a folder."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_sample(index: int, sample: object, dtype: torch.dtype | None, dims: list[int] | None) -> dict[str, Tensor]:
@@ -145,7 +113,7 @@ def write_shards(
     for path in old:
         path.unlink()
     if old:
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
     written: list[Path] = []
     dims: list[int] | None = None
@@ -163,7 +131,7 @@ def write_shards(
 
 def _write_shard(path: Path, samples: list[dict[str, Tensor]]) -> Path:
     tensors = {f"{name}.{k}": sample[name] for k, sample in enumerate(samples) for name in ("latents", "context")}
-    _atomic_save(tensors, {"format": FORMAT, "version": VERSION, "count": str(len(samples))}, path)
+    save_safetensors_atomic(tensors, path, {"format": FORMAT, "version": VERSION, "count": str(len(samples))})
     return path
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from difforge._durable import save_safetensors_atomic
 from difforge.formats.tensors import FLOAT_DTYPES, HiF8Tensor, NVFP4Tensor, QuantizedTensor
 
 METADATA_KEY = "difforge.formats"
@@ -96,31 +95,7 @@ def save_quantized(
         stored.update({key: t.detach().to("cpu").contiguous() for key, t in parts.items()})
     metadata[METADATA_KEY] = json.dumps({"version": VERSION, "entries": entries})
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(stored, tmp, metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    # Make the rename itself durable; not every platform can open a folder.
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    save_safetensors_atomic(stored, path, metadata)
 
 
 def _open_error(path: str, error: Exception) -> ValueError:

@@ -50,6 +50,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from difforge._durable import fsync_dir, write_durable
+
 FORMAT = "difforge.checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -78,24 +80,6 @@ class Checkpoint:
 
 
 # ---- durable file-system primitives --------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes the entries of folder ``path`` (creations, renames) durable."""
-    if os.name == "nt":  # Windows cannot open a folder for fsync; NTFS journals renames itself
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_and_describe(path: Path) -> dict[str, Any]:
@@ -145,9 +129,9 @@ def _prepare_group(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def _write_latest(directory: Path, name: str) -> None:
     tmp = directory / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}"
-    _write_durable(tmp, f"{name}\n".encode())
+    write_durable(tmp, f"{name}\n".encode())
     os.replace(tmp, directory / LATEST)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -220,11 +204,11 @@ def save_checkpoint(
         filename = f"{group}.safetensors"
         save_file(_prepare_group(group_tensors), tmp / filename)
         files[filename] = _fsync_and_describe(tmp / filename)
-    _write_durable(tmp / META, meta_bytes)
+    write_durable(tmp / META, meta_bytes)
     files[META] = _fsync_and_describe(tmp / META)
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
-    _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _fsync_dir(tmp)
+    write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    fsync_dir(tmp)
 
     aside = directory / f"{_ASIDE_PREFIX}{name}"
     if final.exists():
@@ -232,9 +216,9 @@ def save_checkpoint(
             shutil.rmtree(aside)
         # Until `tmp` takes its place, `latest` may name a missing folder; latest_checkpoint() then uses `aside`.
         os.replace(final, aside)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     os.replace(tmp, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     _write_latest(directory, name)
 
     # The new checkpoint is durable and current: now clear leftovers (this save's aside copy included).
