@@ -201,6 +201,21 @@ def test_shards_with_other_channels_are_refused(tmp_path):
     assert proc.returncode == 2 and "C = 3" in proc.stderr and "expects C = 4" in proc.stderr, proc.stderr
 
 
+def test_ssp_not_dividing_a_shape_is_refused():
+    from difforge.pipelines.train_video import _check_parallel_layout
+
+    cfg = TrainConfig(ssp=2)
+    with pytest.raises(ValueError, match=r"\(T, H, W\) = \(3, 2, 2\) gives 3 tokens"):
+        _check_parallel_layout(cfg.model_config(), 2, {(4, 8, 8): 64, (3, 2, 2): 3})
+
+
+def test_resume_past_the_last_step_is_refused(uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(uninterrupted), str(run)], check=True)
+    proc = run_cli(cli(run, "--resume", steps=8))
+    assert proc.returncode == 2 and "is at step 12; --steps 8" in proc.stderr, proc.stderr
+
+
 def test_ssp_larger_than_skiparse_groups_is_refused():
     from difforge.pipelines.train_video import _check_parallel_layout
 

@@ -170,10 +170,17 @@ def _setup_processes(cfg: TrainConfig) -> _Procs:
     return _Procs(world, rank, cfg.ssp, world // cfg.ssp, rank // cfg.ssp, group, device)
 
 
-def _check_parallel_layout(model_config: VideoDiTConfig, ssp: int) -> None:
-    """Refuses an SSP degree the model cannot be split by, before any step runs."""
+def _check_parallel_layout(model_config: VideoDiTConfig, ssp: int, token_counts: dict | None = None) -> None:
+    """Refuses an SSP degree the model or the data's shapes (``{(T, H, W): tokens}``) cannot be split by, before
+    any step runs."""
     if ssp == 1:
         return
+    uneven = sorted(shape for shape, tokens in (token_counts or {}).items() if tokens % ssp)
+    if uneven:
+        raise ValueError(
+            f"difforge train: --ssp {ssp} must divide the token count of every latent shape; (T, H, W) = "
+            f"{uneven[0]} gives {token_counts[uneven[0]]} tokens after {model_config.patch} patches"
+        )
     if model_config.num_heads % ssp:
         raise ValueError(
             f"difforge train: --ssp {ssp} must divide the number of heads {model_config.num_heads} "
@@ -224,15 +231,19 @@ def _sampler(cfg: TrainConfig, dataset, patch: tuple[int, int, int], p: float, p
     return AdaptiveLoadSampler(tokens, keys, m_mem=cfg.tokens_per_batch, p=p, **common)
 
 
-def _calibrate_bucket_p(model: VideoDiT, dataset, procs: _Procs) -> float:
-    """AdaptiveLoad's exponent p from measured fwd+bwd times at B = 1, one sample per bucket shape (spec §9)."""
-    shapes: dict[tuple, int] = {}
+def _calibrate_bucket_p(model: VideoDiT, dataset, tokens_per_batch: int, procs: _Procs) -> float:
+    """AdaptiveLoad's exponent p (spec §9) from measured fwd+bwd times, one batch per bucket shape at its
+    memory-capped size B = M_mem // S: fits log(t / B) = p log S + log kappa. Timing full batches rather than
+    B = 1 keeps the fixed per-step overhead from flattening the fit."""
+    by_shape: dict[tuple, list[int]] = {}
     for i in range(len(dataset)):
-        shapes.setdefault(dataset.shape_of(i), i)
-    seq, times = [], []
-    for index in shapes.values():
-        latents, context = _collate(dataset, [index], procs.device)
-        t = torch.full((1,), 0.5, device=procs.device)
+        by_shape.setdefault(dataset.shape_of(i), []).append(i)
+    seq, per_sample = [], []
+    for indices in by_shape.values():
+        seq_len = dataset.tokens_of(indices[0], model.config.patch)
+        batch = max(1, tokens_per_batch // seq_len)
+        latents, context = _collate(dataset, [indices[k % len(indices)] for k in range(batch)], procs.device)
+        t = torch.full((batch,), 0.5, device=procs.device)
         runs = []
         for _ in range(3):  # the first run warms up caches and thread pools
             start = time.perf_counter()
@@ -240,9 +251,9 @@ def _calibrate_bucket_p(model: VideoDiT, dataset, procs: _Procs) -> float:
             _sync(procs.device)
             runs.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
-        seq.append(math.prod(model.grid(latents.shape)))
-        times.append(min(runs[1:]))
-    p = calibrate_p(seq, times) if len(set(seq)) > 1 else 1.5
+        seq.append(seq_len)
+        per_sample.append(min(runs[1:]) / batch)
+    p = calibrate_p(seq, per_sample) if len(set(seq)) > 1 else 1.5
     if dist.is_initialized():  # every rank must build the same plan
         p_tensor = torch.tensor([p], dtype=torch.float64, device=procs.device)
         dist.broadcast(p_tensor, src=0)
@@ -331,10 +342,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     ``cfg.out``. Returns a summary (on every rank)."""
     model_config = cfg.model_config()
     procs = _setup_processes(cfg)
-    _check_parallel_layout(model_config, procs.ssp)
     out = Path(cfg.out)
     model = build_model(cfg, procs.device)
     dataset = _dataset(cfg, model_config)
+    first_of_shape = {dataset.shape_of(i): i for i in range(len(dataset))}
+    tokens_of_shape = {shape: dataset.tokens_of(i, model_config.patch) for shape, i in first_of_shape.items()}
+    _check_parallel_layout(model_config, procs.ssp, tokens_of_shape)
 
     expected = {**cfg.identity(), "world_size": procs.world}
     resumed = ckpt.latest_checkpoint(out) if cfg.resume else None
@@ -343,7 +356,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.info("--resume: no checkpoint in %s, starting from scratch", out)
     bucket_p = cfg.bucket_p if state is None else state.meta["bucket_p"]
     if bucket_p is None:  # measured on the unwrapped model, before any sharding
-        bucket_p = _calibrate_bucket_p(model, dataset, procs) if cfg.bucketing == "adaptive" else 1.5
+        adaptive = cfg.bucketing == "adaptive"
+        bucket_p = _calibrate_bucket_p(model, dataset, cfg.tokens_per_batch, procs) if adaptive else 1.5
     sampler = _sampler(cfg, dataset, model_config.patch, bucket_p, procs)
 
     predictor: nn.Module = _TokenPredictor(model)
@@ -365,6 +379,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         start_step = state.step
         logger.info("resumed from %s at step %d", state.path, start_step)
 
+    if start_step >= cfg.steps:
+        raise ValueError(f"difforge train: the checkpoint in {out} is at step {start_step}; --steps {cfg.steps} "
+                         "asks for no more (--steps is the total, resumed steps included)")  # fmt: skip
     metrics = MetricsLog(out / "metrics.jsonl", enabled=procs.main, truncate_after=start_step)
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
