@@ -9,8 +9,9 @@ gradient either way.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,6 +34,25 @@ def wrap_data_parallel(predictor: nn.Module, blocks: nn.ModuleList, device: torc
         fully_shard(block)
     fully_shard(predictor)
     return predictor
+
+
+@contextlib.contextmanager
+def gradient_sync(predictor: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skips the gradient all-reduce / reduce-scatter inside the block when ``enabled`` is False (the first
+    micro-batches of an accumulated step): DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``."""
+    if enabled:
+        yield
+    elif hasattr(predictor, "no_sync"):
+        with predictor.no_sync():
+            yield
+    elif hasattr(predictor, "set_requires_gradient_sync"):
+        predictor.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            predictor.set_requires_gradient_sync(True)
+    else:  # one process: nothing to synchronise
+        yield
 
 
 def _options():

@@ -403,8 +403,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             if epoch not in plans:
                 plans = {epoch: sampler.batches(epoch)}
             latents, context = _collate(dataset, plans[epoch][index], procs.device)
-            sync = k == cfg.grad_accum - 1 or procs.world == 1
-            with (contextlib.nullcontext() if sync else predictor.no_sync()), _autocast(procs.device, cfg.precision):
+            last = k == cfg.grad_accum - 1
+            with sharding.gradient_sync(predictor, last), _autocast(procs.device, cfg.precision):
                 generator = micro_step_generator(cfg.seed, micro, procs.dp_rank)
                 forward_start = time.perf_counter()
                 loss = flow_matching_loss(predictor, model, latents, context, generator, cfg, procs.ssp_group)
