@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -131,7 +132,7 @@ def calibrate_p(
     return min(2.0, max(_P_MIN, slope))
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+class BucketBatchSampler(Sampler[list[int]], ABC):
     """Base of the bucketed batch samplers: subclasses define :meth:`batch_size` and :attr:`p`.
 
     Samples are grouped by ``keys`` (default: the token counts; pass latent shapes so batches can be stacked).
@@ -189,14 +190,14 @@ class BucketBatchSampler(Sampler[list[int]]):
         num_batches = sum(-(-len(group) // size) for _, size, group in self._buckets)
         self._num_steps = -(-num_batches // self.num_replicas)
 
+    @abstractmethod
     def batch_size(self, seq_len: int) -> int:
         """Samples per batch in a bucket of ``seq_len`` tokens per sample."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def p(self) -> float:
         """Exponent of the cost model ``B * S^p`` used by ``balance``."""
-        raise NotImplementedError
 
     @property
     def token_counts(self) -> tuple[int, ...]:
