@@ -62,7 +62,7 @@ def train(args: argparse.Namespace) -> int:
         fsdp=args.fsdp, **({"sizes": args.sizes} if args.sizes else {}),
     )  # fmt: skip
     if args.profile:
-        profile(cfg, steps=args.profile_steps)
+        profile(cfg, steps=args.profile_steps, shape=args.profile_shape[0] if args.profile_shape else None)
         return 0
     result = run_training(cfg)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
@@ -120,6 +120,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--profile", action="store_true",
                    help="instead of training, measure tokens/s with each feature toggled; writes a report to --out")
     p.add_argument("--profile-steps", type=int, default=6, help="timed steps per variant with --profile")
+    p.add_argument("--profile-shape", type=_latent_sizes, default=None,
+                   help="latent T x H x W to profile (default: the largest --sizes entry); Wan 720p: 21x90x160")
     p.set_defaults(func=train)
 
 

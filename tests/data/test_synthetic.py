@@ -259,3 +259,16 @@ def test_to_rgb_layout_and_errors():
         to_rgb(sample[0])
     with pytest.raises(ValueError, match="float"):
         to_rgb(torch.zeros(3, 1, 2, 2, dtype=torch.int64))
+
+
+def test_cache_returns_the_rendered_samples_within_its_budget():
+    plain = SyntheticVideoDataset(6, sizes=((2, 8, 8),))
+    one_sample = sum(t.numel() * t.element_size() for t in (plain[0]["latents"], plain[0]["context"]))
+    cached = SyntheticVideoDataset(6, sizes=((2, 8, 8),), cache_bytes=2 * one_sample)
+    for i in range(6):
+        assert torch.equal(cached[i]["latents"], plain[i]["latents"])
+        assert torch.equal(cached[i]["context"], plain[i]["context"])
+    assert cached[0]["latents"] is cached[0]["latents"] and cached[1]["latents"] is cached[1]["latents"]
+    assert cached[2]["latents"] is not cached[2]["latents"]  # over budget: rendered again
+    with pytest.raises(IndexError):
+        cached[6]

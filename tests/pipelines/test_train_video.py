@@ -3,6 +3,7 @@ checkpoints are refused, HiF8 training tracks fp32, SSP on 2 processes equals on
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -267,3 +268,24 @@ def test_logit_normal_timesteps_distribution():
     assert abs(t.median().item() - 0.5) < 0.01  # sigmoid of a zero-median normal
     shifted = logit_normal_timesteps((200_000,), torch.Generator().manual_seed(0), shift=3.0)
     torch.testing.assert_close(shifted, 3 * t / (1 + 2 * t))
+
+
+# ---- the throughput report ----
+
+
+def test_profile_report(tmp_path):
+    proc = run_cli([sys.executable, "-m", "difforge", "train", "--profile", "--profile-steps", "1", "--profile-shape",
+                    "2x8x8", "--tokens-per-batch", "64", "--out", str(tmp_path)])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["shape"] == [2, 2, 8, 8] and report["tokens_per_step"] == 64
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert list(rows)[0] == "plain PyTorch" and len(rows) == 7
+    assert rows["plain PyTorch"]["options"] == dict(fused_norm=False, backend="sdpa", attention="full", hif8=False)
+    assert rows["hybrid Skiparse"]["options"]["attention"] == "hybrid"
+    assert rows["all difforge"]["options"] == dict(fused_norm=True, backend="difforge", attention="hybrid", hif8=True)
+    plain = rows["plain PyTorch"]["tokens_per_s"]
+    for row in rows.values():
+        assert row["tokens_per_s"] == pytest.approx(64 / row["step_s"])
+        assert row["speedup_vs_plain"] == pytest.approx(row["tokens_per_s"] / plain)
+    assert "| hybrid Skiparse |" in (tmp_path / "profile.md").read_text()

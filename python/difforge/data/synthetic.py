@@ -119,6 +119,8 @@ class SyntheticVideoDataset(Dataset):
             ``context_len`` tokens are kept.
         context_dim: embedding width (>= 1); rows come from a fixed unit-norm table of ``NUM_SYMBOLS`` symbols.
         seed: selects a different (equally deterministic) data set.
+        cache_bytes: keep rendered samples in memory up to this many bytes of tensors (0: render every time).
+            Cached samples are returned as the same tensors each time: do not modify them in place.
 
     ``dataset[i]`` is a dict: ``latents`` float32 ``[C, T, H, W]`` in [-1, 1], ``context`` float32
     ``[context_len, context_dim]`` and ``attributes`` (python numbers): ``shape``, ``direction``,
@@ -135,8 +137,13 @@ class SyntheticVideoDataset(Dataset):
         context_len: int = 8,
         context_dim: int = 32,
         seed: int = 0,
+        cache_bytes: int = 0,
     ) -> None:
         self.num_samples = _positive(num_samples, "num_samples")
+        # Rendering costs ~1-10 ms per sample (many small ops); training revisits every sample each epoch.
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, dict[str, Any]] = {}
+        self._cached_bytes = 0
         self.channels = _positive(channels, "channels", 3)
         self.context_len = _positive(context_len, "context_len")
         self.context_dim = _positive(context_dim, "context_dim")
@@ -177,6 +184,17 @@ class SyntheticVideoDataset(Dataset):
         return _patch_tokens(self.shape_of(index), patch)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._check_index(index)
+        if index in self._cache:
+            return self._cache[index]
+        sample = self._generate(index)
+        size = sum(t.numel() * t.element_size() for t in (sample["latents"], sample["context"]))
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[index] = sample
+            self._cached_bytes += size
+        return sample
+
+    def _generate(self, index: int) -> dict[str, Any]:
         frames, height, width = self.shape_of(index)
         index = operator.index(index)
         generator = torch.Generator().manual_seed(_hash64(self.seed, index, 1))

@@ -65,7 +65,8 @@ def _time_steps(cfg: TrainConfig, shape: tuple[int, int, int, int], steps: int, 
 
 
 def profile(cfg: TrainConfig, *, steps: int = 6, shape: tuple[int, int, int] | None = None) -> dict:
-    """Measures every variant of :data:`VARIANTS` on cfg's model and largest bucket shape; writes
+    """Measures every variant of :data:`VARIANTS` on cfg's model and ``shape`` (latent T, H, W; default: the
+    largest bucket shape), with as many samples as ``cfg.tokens_per_batch`` allows (at least one); writes
     ``profile.json`` and ``profile.md`` to ``cfg.out`` and prints the table. Returns the report."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     T, H, W = shape or max(cfg.sizes, key=math.prod)

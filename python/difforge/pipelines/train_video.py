@@ -39,6 +39,8 @@ from difforge.pipelines.metrics import MetricsLog, plot_loss
 
 logger = logging.getLogger(__name__)
 
+SYNTHETIC_CACHE_BYTES = 1 << 30  # rendered synthetic samples kept in memory (a tiny run's data set is ~100 MB)
+
 # Fields that only say where and how long to run: everything else must match a checkpoint to resume it.
 _RUN_ONLY_FIELDS = ("steps", "out", "resume", "log_every", "ckpt_every", "keep", "progress", "device")
 
@@ -203,7 +205,7 @@ def _dataset(cfg: TrainConfig, model_config: VideoDiTConfig):
     if cfg.data == "synthetic":
         return SyntheticVideoDataset(
             cfg.num_samples, channels=model_config.in_channels, sizes=cfg.sizes, context_dim=model_config.context_dim,
-            seed=cfg.data_seed,
+            seed=cfg.data_seed, cache_bytes=SYNTHETIC_CACHE_BYTES,
         )  # fmt: skip
     dataset = ShardDataset(cfg.data)
     if dataset.channels != model_config.in_channels or dataset.context_dim != model_config.context_dim:
