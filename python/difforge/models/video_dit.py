@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from difforge.nn.dit_block import FrameModulation, HybridDiTBlock, ModulatedNorm
+from difforge.nn.dit_block import FrameModulation, HybridDiTBlock, ModulatedNorm, PendingResidual
 from difforge.nn.rope import rope_angles_3d
 from difforge.nn.skiparse import Kind, SequenceLayout, SkiparseLayout, dual_end_schedule
 
@@ -125,6 +125,10 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat((angles.cos(), angles.sin()), dim=-1).float().reshape(*t.shape, dim)
 
 
+def _flush(x: Tensor, residual: PendingResidual | None) -> Tensor:
+    return x if residual is None else residual.apply(x)
+
+
 class VideoDiT(nn.Module):
     """Wan-style DiT predicting a velocity for latents ``[B, C, T, H, W]``.
 
@@ -226,13 +230,22 @@ class VideoDiT(nn.Module):
         block_modulation = FrameModulation(self.time_projection(e), layout, frame_tokens)
         ctx = self.text_embedding(context.to(dtype))
         angles = self._rope(grid, latents.device)
+        residual = None  # each block's last gated residual, fused into the next norm while the layout stays
         for kind, block in zip(self.schedule, self.blocks):
-            x = layout.to(x, kind)
-            x = block(x, block_modulation, ctx, layout, angles)
-        x = layout.to(x, "full")
+            if kind != layout.kind:
+                x, residual = _flush(x, residual), None
+                x = layout.to(x, kind)
+            x, residual = block(x, block_modulation, ctx, layout, angles, residual)
+        if layout.kind != "full":
+            x, residual = _flush(x, residual), None
+            x = layout.to(x, "full")
         # Wan's head: the same embedding e plus a 2-row table gives (shift, scale).
-        shift, scale = FrameModulation(e.repeat(1, 1, 2), layout, frame_tokens).chunks(self.head_modulation)
-        return self.head(self.head_norm(x, scale, shift))
+        head_modulation = FrameModulation(e.repeat(1, 1, 2), layout, frame_tokens)
+        shift, scale = head_modulation.chunks(self.head_modulation)
+        if residual is None:
+            return self.head(self.head_norm(x, scale, shift))
+        _, y = self.head_norm.forward_gated(x, residual.o, residual.gate, scale, shift)  # full layout: repeat 1
+        return self.head(y)
 
     def _check_time(self, t: Tensor, batch: int, frames: int) -> Tensor:
         if not torch.is_floating_point(t):

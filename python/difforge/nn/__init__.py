@@ -1,6 +1,6 @@
 """torch.nn modules built on difforge.ops."""
 
-from difforge.nn.dit_block import CrossAttention, FrameModulation, HybridDiTBlock, ModulatedNorm
+from difforge.nn.dit_block import CrossAttention, FrameModulation, HybridDiTBlock, ModulatedNorm, PendingResidual
 from difforge.nn.formats import (
     DEFAULT_SKIP_PATTERNS,
     HiF8Linear,
@@ -20,6 +20,7 @@ __all__ = [
     "FrameModulation",
     "HybridDiTBlock",
     "ModulatedNorm",
+    "PendingResidual",
     "FrameLayout",
     "HiF8Linear",
     "NVFP4Linear",

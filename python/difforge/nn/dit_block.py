@@ -7,7 +7,7 @@ One block (Wan2.1, ``wan/modules/model.py``), with the six modulation vectors
     y = norm1(x) * (1 + scale1) + shift1                 # adaln_modulate
     x, y = x + gate1 * self_attn(y), norm3(x_new)         # gated_adaln_modulate (affine LN, no modulation)
     x, y = x + cross_attn(y, context), norm2(x_new) * (1 + scale2) + shift2   # gated_adaln_modulate, gate 1
-    x = x + gate2 * ffn(y)
+    x = x + gate2 * ffn(y)                                # left pending: fused into the next norm1 (or head)
 
 Modulation is per sample (``[B, 1, 6D]`` timestep embedding) or per frame (``[B, F, 6D]``: frames may carry
 different noise levels, as in diffusion forcing and chunk-wise autoregressive sampling). It is never expanded to
@@ -17,6 +17,8 @@ arranged like the activation once per layout kind and shared by every block.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,18 @@ def broadcast_modulation(m: Tensor, x: Tensor, batch_repeat: int = 1) -> Tensor:
         return m.repeat(batch_repeat, 1)[:, None]  # row r uses sample r % B
     per_row = x.shape[1] // m.shape[1]
     return m.repeat(batch_repeat, 1, 1).repeat_interleave(per_row, dim=1)
+
+
+class PendingResidual(NamedTuple):
+    """A gated residual ``x + gate * o`` not yet added: the next modulated norm fuses it into its own pass
+    (``forward_gated``), saving a read and a write of the residual stream per block."""
+
+    o: Tensor
+    gate: Tensor
+    batch_repeat: int
+
+    def apply(self, x: Tensor) -> Tensor:
+        return x + self.o * broadcast_modulation(self.gate, x, self.batch_repeat)
 
 
 class ModulatedNorm(AdaLNModulate):
@@ -171,12 +185,24 @@ class HybridDiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
     def forward(
-        self, x: Tensor, modulation: FrameModulation, context: Tensor, layout: SequenceLayout, angles: Tensor
-    ) -> Tensor:
+        self,
+        x: Tensor,
+        modulation: FrameModulation,
+        context: Tensor,
+        layout: SequenceLayout,
+        angles: Tensor,
+        residual: PendingResidual | None = None,
+    ) -> tuple[Tensor, PendingResidual]:
+        """Returns ``(x, pending)``: the block's last gated residual ``x + gate2 * ffn(...)`` is left pending, for
+        the next block (same layout) to fuse into its first norm; :meth:`PendingResidual.apply` adds it. A
+        ``residual`` pending from the previous block is fused here the same way."""
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunks(self.modulation)
         repeat = modulation.batch_repeat
-        y = self.norm1(x, scale1, shift1, batch_repeat=repeat)
+        if residual is None:
+            y = self.norm1(x, scale1, shift1, batch_repeat=repeat)
+        else:
+            x, y = self.norm1.forward_gated(x, residual.o, residual.gate, scale1, shift1, batch_repeat=repeat)
         x, y = self.norm3.forward_gated(x, self.self_attn(y, layout, angles), gate1, None, None, batch_repeat=repeat)
         c = self.cross_attn(y, context, layout.batch_repeat)
         x, y = self.norm2.forward_gated(x, c, None, scale2, shift2, batch_repeat=repeat)
-        return x + self.ffn(y) * broadcast_modulation(gate2, x, repeat)
+        return x, PendingResidual(self.ffn(y), gate2, repeat)
