@@ -64,20 +64,26 @@ def _time_steps(cfg: TrainConfig, shape: tuple[int, int, int, int], steps: int, 
     return times[2:]
 
 
-def profile(cfg: TrainConfig, *, steps: int = 6, shape: tuple[int, int, int] | None = None) -> dict:
+def profile(cfg: TrainConfig, *, steps: int = 6, shape: tuple[int, int, int] | None = None, rounds: int = 2) -> dict:
     """Measures every variant of :data:`VARIANTS` on cfg's model and ``shape`` (latent T, H, W; default: the
     largest bucket shape), with as many samples as ``cfg.tokens_per_batch`` allows (at least one); writes
-    ``profile.json`` and ``profile.md`` to ``cfg.out`` and prints the table. Returns the report."""
+    ``profile.json`` and ``profile.md`` to ``cfg.out`` and prints the table. Each variant runs ``steps`` timed
+    steps in each of ``rounds`` rounds (variant order reversed every other round); the median is reported.
+    Returns the report."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     T, H, W = shape or max(cfg.sizes, key=math.prod)
     patch = cfg.model_config().patch
     tokens_per_sample = (T // patch[0]) * (H // patch[1]) * (W // patch[2])
     batch = max(1, cfg.tokens_per_batch // tokens_per_sample)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for round_ in range(rounds):
+        # Alternating order, so slow drifts of a shared machine (thermal, neighbours) hit every variant alike.
+        for name in list(VARIANTS) if round_ % 2 == 0 else reversed(VARIANTS):
+            variant = dataclasses.replace(cfg, **{**PLAIN, **VARIANTS[name]})
+            times[name] += _time_steps(variant, (batch, T, H, W), steps, device)
     rows = []
     for name, toggles in VARIANTS.items():
-        variant = dataclasses.replace(cfg, **{**PLAIN, **toggles})
-        times = _time_steps(variant, (batch, T, H, W), steps, device)
-        median = statistics.median(times)
+        median = statistics.median(times[name])
         rows.append({"variant": name, "step_s": median, "tokens_per_s": batch * tokens_per_sample / median,
                      "options": {**PLAIN, **toggles}})  # fmt: skip
     plain = rows[0]["tokens_per_s"]
@@ -86,7 +92,7 @@ def profile(cfg: TrainConfig, *, steps: int = 6, shape: tuple[int, int, int] | N
     report = {
         "model": cfg.model, "shape": [batch, T, H, W], "tokens_per_step": batch * tokens_per_sample,
         "sparse_ratio": cfg.sparse_ratio, "device": _device_name(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "steps": steps, "git_revision": _git_revision(), "rows": rows,
+        "threads": torch.get_num_threads(), "steps": steps * rounds, "git_revision": _git_revision(), "rows": rows,
     }  # fmt: skip
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
