@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -65,7 +66,7 @@ def train(args: argparse.Namespace) -> int:
         profile(cfg, steps=args.profile_steps, shape=args.profile_shape[0] if args.profile_shape else None)
         return 0
     result = run_training(cfg)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(
             f"trained {result.steps} steps ({result.params:,} parameters): loss {result.first_loss:.4f} -> "
             f"{result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s, AdaptiveLoad p = {result.bucket_p:.3f}, "

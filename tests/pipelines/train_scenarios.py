@@ -17,7 +17,7 @@ from difforge.pipelines.train_video import (
 )
 
 
-def _batch(cfg: TrainConfig, model, shape):
+def _batch(model, shape):
     dataset = SyntheticVideoDataset(8, channels=model.config.in_channels, sizes=(shape,),
                                     context_dim=model.config.context_dim)  # fmt: skip
     items = [dataset[i] for i in range(2)]
@@ -35,7 +35,7 @@ def _model(cfg: TrainConfig):
 def _one_step(rank: int, world: int, overrides: dict, shape) -> dict:
     """Loss and gradients of one SSP step (S = world) against the single-process step on the same batch."""
     cfg = TrainConfig(**overrides, ssp=world)
-    latents, context = _batch(cfg, build_model(cfg), shape)
+    latents, context = _batch(build_model(cfg), shape)
 
     reference = _model(cfg)
     ref_loss = flow_matching_loss(_TokenPredictor(reference), reference, latents, context,

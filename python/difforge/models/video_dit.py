@@ -9,7 +9,7 @@ modulation. The model predicts the flow-matching velocity; it knows nothing abou
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -44,7 +44,7 @@ class VideoDiTConfig:
     sparse_dims: int = 2
     fused_norm: bool = True
     backend: Literal["difforge", "sdpa"] = "difforge"
-    out_channels: int | None = field(default=None)
+    out_channels: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:

@@ -111,7 +111,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsd
     for fqn, entries in state["state"].items():
         for key, value in entries.items():
             tensors[f"state.{fqn}.{key}"] = _full(value) if isinstance(value, Tensor) else torch.tensor(value)
-    return tensors, {"param_groups": state["param_groups"], "fqn_state": True}
+    return tensors, {"param_groups": state["param_groups"]}
 
 
 def load_full_optimizer_state(
@@ -121,8 +121,6 @@ def load_full_optimizer_state(
     if not fsdp:
         ckpt.load_optimizer_state(optimizer, tensors, meta)
         return
-    if not meta.get("fqn_state"):
-        raise ckpt.CheckpointError("the checkpoint's optimizer state was saved without --fsdp; resume without it")
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     state: dict[str, dict[str, Tensor]] = {}

@@ -233,13 +233,12 @@ def _sampler(cfg: TrainConfig, dataset, patch: tuple[int, int, int], p: float, p
     return AdaptiveLoadSampler(tokens, keys, m_mem=cfg.tokens_per_batch, p=p, **common)
 
 
-def _calibrate_bucket_p(model: VideoDiT, dataset, tokens_per_batch: int, procs: _Procs) -> float:
+def _calibrate_bucket_p(
+    model: VideoDiT, dataset, by_shape: dict[tuple, list[int]], tokens_per_batch: int, procs: _Procs
+) -> float:
     """AdaptiveLoad's exponent p (spec §9) from measured fwd+bwd times, one batch per bucket shape at its
     memory-capped size B = M_mem // S: fits log(t / B) = p log S + log kappa. Timing full batches rather than
     B = 1 keeps the fixed per-step overhead from flattening the fit."""
-    by_shape: dict[tuple, list[int]] = {}
-    for i in range(len(dataset)):
-        by_shape.setdefault(dataset.shape_of(i), []).append(i)
     seq, per_sample = [], []
     for indices in by_shape.values():
         seq_len = dataset.tokens_of(indices[0], model.config.patch)
@@ -347,8 +346,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out)
     model = build_model(cfg, procs.device)
     dataset = _dataset(cfg, model_config)
-    first_of_shape = {dataset.shape_of(i): i for i in range(len(dataset))}
-    tokens_of_shape = {shape: dataset.tokens_of(i, model_config.patch) for shape, i in first_of_shape.items()}
+    by_shape: dict[tuple, list[int]] = {}  # sample indices per latent shape
+    for i in range(len(dataset)):
+        by_shape.setdefault(dataset.shape_of(i), []).append(i)
+    tokens_of_shape = {shape: dataset.tokens_of(ids[0], model_config.patch) for shape, ids in by_shape.items()}
     _check_parallel_layout(model_config, procs.ssp, tokens_of_shape)
 
     expected = {**cfg.identity(), "world_size": procs.world}
@@ -359,7 +360,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     bucket_p = cfg.bucket_p if state is None else state.meta["bucket_p"]
     if bucket_p is None:  # measured on the unwrapped model, before any sharding
         adaptive = cfg.bucketing == "adaptive"
-        bucket_p = _calibrate_bucket_p(model, dataset, cfg.tokens_per_batch, procs) if adaptive else 1.5
+        bucket_p = _calibrate_bucket_p(model, dataset, by_shape, cfg.tokens_per_batch, procs) if adaptive else 1.5
     sampler = _sampler(cfg, dataset, model_config.patch, bucket_p, procs)
 
     predictor: nn.Module = _TokenPredictor(model)
@@ -462,9 +463,8 @@ def _reduce_metrics(loss: Tensor, tokens: int, forward_s: float, procs: _Procs) 
     mine = torch.tensor([float(loss), tokens / procs.ssp, forward_s], dtype=torch.float64, device=procs.device)
     every = [torch.empty_like(mine) for _ in range(procs.world)]
     dist.all_gather(every, mine)
-    stacked = torch.stack(every).cpu()
-    times = stacked[:, 2]
-    return float(stacked[:, 0].sum()) / procs.dp, round(float(stacked[:, 1].sum())), float(times.max() / times.mean() - 1)
+    losses, token_counts, times = torch.stack(every).cpu().unbind(1)
+    return float(losses.sum()) / procs.dp, round(float(token_counts.sum())), float(times.max() / times.mean() - 1)
 
 
 def _save(out: Path, step: int, model, ema: EMA, optimizer, cfg: TrainConfig, procs: _Procs, bucket_p, expected):
