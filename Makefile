@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -q "scikit-build-core>=0.10" ninja numpy pytest hypothesis
+	$(PY) -m pip install -q "scikit-build-core>=0.10" ninja numpy pytest hypothesis scikit-learn
 	cmake --version 2>/dev/null | awk 'NR==1 {split($$3, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 25))}' \
 		|| $(PY) -m pip install -q "cmake>=3.25"
 	touch $@

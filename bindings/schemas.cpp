@@ -131,4 +131,34 @@ TORCH_LIBRARY(difforge, m) {
   m.def(
       "nvfp4_linear(Tensor x, Tensor w_block_scales, Tensor w_packed, Tensor? w_per_tensor_scale, Tensor? bias) "
       "-> Tensor");
+
+  // ---- sampling: fused discrete-diffusion sampling steps (cpp/include/difforge/sampling.h) -----------------
+  // One per-position update of a masked / uniform sampler over rows of logits [..., V] (fp32/fp16/bf16, last stride
+  // 1, V >= 2): the row draws from q = w_p softmax_T(filtered l) + w_u uniform + w_d 1[y = point] with weights from
+  // the rule and coef [..., 3] fp32 (rows = logits' leading dims; point int64 [...]):
+  //   "mixture": (w_p, w_u, w_d) = coef; rows with coef[0] <= 0 are never read (stats NaN)
+  //   "euler" (W = min(c S', 1)), "tau_leap" (L = c S', one jump L e^-L), "ctmc" (L = c (S' + V - 1), split
+  //   S' : V - 1 between softmax and uniform), c = coef[0] finite >= 0, S' = sum_{y != point} exp(l_y); these
+  //   exclude the point from the softmax and uniform parts when 0 <= point < V.
+  // Softmax part: argmax over allowed y of l_y / T + Gumbel (greedy: argmax l_y, ties to the lower index), after
+  // top_k (0 or >= V: off; ties kept) and top_p (1: off; softmax(l / T) of the top-k set) filters; no allowed
+  // column: the point. Philox draws from (seed in [0, 2^63), offset in [0, 2^32), row, column): reproducible and
+  // equal on CPU and CUDA. Returns token int64 [...] and stats fp32 [..., 5] over the raw logits: (log softmax at
+  // the token (NaN outside [0, V)), lse, entropy, top1, top2). A row that cannot be sampled (NaN / +inf logit,
+  // no finite logit, invalid weights) gets token -1 and NaN stats; the op never syncs to report it.
+  m.def(
+      "discrete_step(Tensor logits, Tensor point, Tensor coef, str rule, float temperature, bool greedy, int top_k, "
+      "float top_p, int seed, int offset) -> (Tensor token, Tensor stats)");
+  // Tweedie tau-leaping (SEDD analytic, uniform process): log_score [..., N] log concrete scores (float dtypes),
+  // current int64 [...] in [0, N), e fp32 [...] = exp(-(sigma_t - sigma_s)) in (0, 1]. Draws y from
+  // max(p_y, 0), p_y = [s_y / e + (e - 1) / (N e) sum_z s_z] [(1 - e) / N + e 1[y = current]]; no positive mass:
+  // current. Returns token int64 [...]; -1 for a bad row (NaN / +inf / no finite score, current or e out of range).
+  m.def("tweedie_step(Tensor log_score, Tensor current, Tensor e, int seed, int offset) -> Tensor");
+  // Per row b of key fp32 [B, L]: the min(k[b], #eligible) eligible positions with the largest key / gumbel_tau + G
+  // (gumbel_tau > 0; G from Philox stream 3) or key (gumbel_tau = 0), ties to the lower index, NaN lowest, k < 0
+  // taken as 0; united with {eligible, key >= threshold[b]} when threshold (fp32 [B]) is given. eligible bool
+  // [B, L], k int64 [B]. Returns selected bool [B, L]. No host sync.
+  m.def(
+      "select_positions(Tensor key, Tensor eligible, Tensor k, Tensor? threshold, float gumbel_tau, int seed, "
+      "int offset) -> Tensor");
 }

@@ -1,8 +1,9 @@
-"""`difforge` command line: `difforge info`, `difforge demo`, `difforge train`."""
+"""`difforge` command line: `difforge info`, `difforge demo`, `difforge train`, `difforge discrete train|sample|eval`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -126,6 +127,136 @@ def _add_train_parser(sub) -> None:
     p.set_defaults(func=train)
 
 
+def discrete_train(args: argparse.Namespace) -> int:
+    from difforge.pipelines.discrete_train import DiscreteTrainConfig, train_discrete
+
+    cfg = DiscreteTrainConfig(
+        process=args.process, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        ema_decay=args.ema_decay, seed=args.seed, dim=args.dim, depth=args.depth, heads=args.heads, ffn=args.ffn,
+        out=args.out, resume=args.resume, device=args.device, progress=not args.no_progress,
+        eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+    )  # fmt: skip
+    result = train_discrete(cfg)
+    print(
+        f"trained a {cfg.process} model {result.steps} steps ({result.params:,} parameters) in {result.seconds:.0f} s: "
+        f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}, held-out {result.held_out_loss:.4f}\n"
+        f"checkpoints, metrics.jsonl and loss.png in {result.out}"
+    )
+    return 0
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value  # a plain string, e.g. a rule name
+
+
+def _comma_list(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            items = tuple(kind(item) for item in text.split(",") if item)
+        except ValueError:
+            items = ()
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+        return items
+
+    return parse
+
+
+def discrete_sample(args: argparse.Namespace) -> int:
+    from difforge.pipelines.discrete_sample import DiscreteSampleConfig, report_markdown, sample_discrete
+
+    cfg = DiscreteSampleConfig(
+        checkpoint=args.checkpoint, methods=args.method, steps=args.steps, num_samples=args.num_samples,
+        seed=args.seed, scorer=args.scorer, nll_draws=args.nll_draws, device=args.device, progress=not args.no_progress,
+        out=args.out or os.path.join(args.checkpoint, "samples"), method_options=dict(args.option),
+    )  # fmt: skip
+    report = sample_discrete(cfg)
+    print(report_markdown(report))
+    print(f"report.json, report.md and sample grids in {cfg.out}")
+    return 0
+
+
+def discrete_eval(args: argparse.Namespace) -> int:
+    from difforge.samplers.discrete.oracle.report import run_eval
+
+    paths = run_eval(
+        args.oracle, args.process, args.steps, vocab_size=args.vocab_size, length=args.length, samples=args.samples,
+        max_monte_carlo_steps=args.max_monte_carlo_steps, schedule=args.schedule, seed=args.seed, out=args.out,
+    )  # fmt: skip
+    print(f"TV/KL vs NFE: {paths['results.md']}, {paths['results.json']}, {paths['tv_vs_nfe.png']}")
+    return 0
+
+
+def _add_discrete_eval_parser(actions) -> None:
+    p = actions.add_parser("eval", help="TV and KL vs NFE of every sampler against an exact oracle distribution")
+    p.add_argument("--oracle", default="markov", choices=("product", "markov", "markov_banded", "hmm", "grid", "potts"))
+    p.add_argument("--process", type=_comma_list(str), default=("uniform", "masked"), help="uniform,masked")
+    p.add_argument("--steps", type=_comma_list(int), default=(2, 4, 8, 16, 32), help="step counts, comma-separated")
+    p.add_argument("--vocab-size", type=int, default=4, help="N of product / markov / hmm oracles")
+    p.add_argument("--length", type=int, default=4, help="L of product / markov / hmm oracles (exact: N^L <= 4096)")
+    p.add_argument("--samples", type=int, default=20000, help="draws per Monte-Carlo entry")
+    p.add_argument("--max-monte-carlo-steps", type=int, default=32, help="skip Monte-Carlo entries above this")
+    p.add_argument("--schedule", default="linear", choices=("linear", "cosine", "loglinear", "geometric"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/discrete_eval")
+    p.set_defaults(func=discrete_eval, command="discrete eval")
+
+
+def _add_discrete_train_parser(actions) -> None:
+    p = actions.add_parser("train", help="train a discrete-diffusion transformer on sklearn's 8x8 digits")
+    p.add_argument("--process", choices=("masked", "uniform"), default="masked")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (total, including resumed ones)")
+    p.add_argument("--out", default="runs/discrete", help="checkpoints, metrics.jsonl and loss.png go here")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup, then cosine decay)")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--ema-decay", type=float, default=0.999, help="0: no EMA")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=None, help="MLP width (default: 4 * dim)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=discrete_train, command="discrete train")
+
+
+def _add_discrete_sample_parser(actions) -> None:
+    p = actions.add_parser("sample", help="sample a trained discrete model and report NLL, entropy, diversity")
+    p.add_argument("--checkpoint", required=True, help="a `difforge discrete train` run folder (or step-* folder)")
+    p.add_argument("--method", type=_comma_list(str), required=True,
+                   help="sampler(s), comma-separated, e.g. mdlm,remdm (masked) or euler,gadd (uniform); 'all'")
+    p.add_argument("--steps", type=_comma_list(int), default=(64,), help="step count(s), comma-separated")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scorer", default=None,
+                   help="masked checkpoint whose NELBO gives the NLL (default: --checkpoint if it is masked)")
+    p.add_argument("--nll-draws", type=int, default=8, help="noise levels per sample in the NELBO estimate")
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="sampler option (JSON value or string), repeatable, e.g. --option eta=0.02")
+    p.add_argument("--out", default=None, help="report folder (default: CHECKPOINT/samples)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=discrete_sample, command="discrete sample")
+
+
+def _add_discrete_parser(sub) -> None:
+    p = sub.add_parser("discrete", help="discrete diffusion: train and sample on sklearn's digits, eval samplers on exact oracles")
+    actions = p.add_subparsers(dest="action", required=True)
+    _add_discrete_train_parser(actions)
+    _add_discrete_sample_parser(actions)
+    _add_discrete_eval_parser(actions)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="difforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,12 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (training run, plots)")
     p.set_defaults(func=demo)
     _add_train_parser(sub)
+    _add_discrete_parser(sub)
     args = parser.parse_args(argv)
+    from difforge.data.digits import DigitsUnavailableError
     from difforge.pipelines.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (ValueError, CheckpointError) as err:  # bad input: a clear message, not a traceback
+    except (ValueError, CheckpointError, DigitsUnavailableError) as err:  # bad input: a clear message, not a traceback
         print(f"difforge {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,4 +7,4 @@ To add a family (formats, attention, kvcache, sampling):
 2. add ``"<name>"`` to ``MODULES`` below; the CLI, tables and output files pick it up from there.
 """
 
-MODULES = ("norm", "attention", "kvcache", "formats")
+MODULES = ("norm", "attention", "kvcache", "formats", "sampling")

@@ -25,10 +25,9 @@ DF_INLINE Uint4 round(Uint4 c, uint32_t k0, uint32_t k1) {
   return {hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0};
 }
 
-// Ten rounds over the counter (index, offset) under the key seed.
-DF_INLINE Uint4 philox4x32(uint64_t seed, uint64_t offset, uint64_t index) {
+// Ten rounds over a 128-bit counter under the key seed.
+DF_INLINE Uint4 philox4x32(uint64_t seed, Uint4 c) {
   constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
-  Uint4 c{uint32_t(index), uint32_t(index >> 32), uint32_t(offset), uint32_t(offset >> 32)};
   uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
   for (int i = 0; i < 10; ++i) {
     c = round(c, k0, k1);
@@ -36,6 +35,11 @@ DF_INLINE Uint4 philox4x32(uint64_t seed, uint64_t offset, uint64_t index) {
     k1 += kWeyl1;
   }
   return c;
+}
+
+// The counter (index, offset): one block per element index of a (seed, offset) stream.
+DF_INLINE Uint4 philox4x32(uint64_t seed, uint64_t offset, uint64_t index) {
+  return philox4x32(seed, Uint4{uint32_t(index), uint32_t(index >> 32), uint32_t(offset), uint32_t(offset >> 32)});
 }
 
 // A uniform in [0, 1) on the 2^-24 grid (exact in fp32), from the first word of the block.

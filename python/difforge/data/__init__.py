@@ -1,5 +1,5 @@
-"""Training data for difforge's video models: synthetic latents, user latents in safetensors shards, and
-AdaptiveLoad bucket samplers.
+"""Training data for difforge's models: synthetic video latents, user latents in safetensors shards, AdaptiveLoad
+bucket samplers, and small corpora shipped inside installed packages (scikit-learn's digits as token sequences).
 
     from difforge.data import SyntheticVideoDataset, AdaptiveLoadSampler
     dataset = SyntheticVideoDataset(10_000)
@@ -7,7 +7,8 @@ AdaptiveLoad bucket samplers.
                                   [dataset.shape_of(i) for i in range(len(dataset))], m_mem=8192, p=1.4)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
 
-See :mod:`difforge.data.shards` for the on-disk format of user data.
+See :mod:`difforge.data.shards` for the on-disk format of user data and :mod:`difforge.data.digits` for the
+digits corpus.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
         plan_imbalance,
         step_time_model,
     )
+    from difforge.data.digits import DigitsUnavailableError, digits_path, load_digits, split_digits
     from difforge.data.shards import ShardDataset, write_shards
     from difforge.data.synthetic import SyntheticVideoDataset, to_rgb
 
@@ -42,6 +44,10 @@ _EXPORTS = {
     "imbalance_rate": "buckets",
     "plan_imbalance": "buckets",
     "step_time_model": "buckets",
+    "DigitsUnavailableError": "digits",
+    "digits_path": "digits",
+    "load_digits": "digits",
+    "split_digits": "digits",
 }
 __all__ = list(_EXPORTS)
 

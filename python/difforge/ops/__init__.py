@@ -23,6 +23,7 @@ from difforge.ops.kvcache import (
     quantized_kv_attention,
 )
 from difforge.ops.norm import adaln_modulate, gated_adaln_modulate
+from difforge.ops.sampling import discrete_step, select_positions, tweedie_step
 from difforge.ops.skiparse import (
     skiparse_attention,
     skiparse_exchange_receive,
@@ -37,6 +38,7 @@ from difforge.ops.skiparse import (
 
 __all__ = [
     "adaln_modulate",
+    "discrete_step",
     "effective_bits",
     "flash_attention",
     "gated_adaln_modulate",
@@ -56,6 +58,7 @@ __all__ = [
     "nvfp4_quantize",
     "quantized_kv_attention",
     "random_hadamard_transform16",
+    "select_positions",
     "skiparse_attention",
     "skiparse_exchange_receive",
     "skiparse_exchange_send",
@@ -65,4 +68,5 @@ __all__ = [
     "skiparse_seq_len",
     "skiparse_seqlens",
     "skiparse_switch",
+    "tweedie_step",
 ]
