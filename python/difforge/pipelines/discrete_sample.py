@@ -24,16 +24,12 @@ from difforge.data.digits import split_digits
 from difforge.pipelines.discrete_train import load_discrete_model, masked_diffusion_loss
 
 NGRAMS = (2, 4)
-# The methods `--method all` runs, per process (the samplers' own names).
-METHODS = {
-    "masked": ("mdlm", "first_hitting", "remdm", "confidence"),
-    "uniform": ("euler", "analytic", "tau_leaping", "ctmc_pc", "informed_pc", "gadd"),
-}
 
 
 @dataclass
 class DiscreteSampleConfig:
-    """What ``difforge discrete sample`` runs: every method in ``methods`` at every count in ``steps``.
+    """What ``difforge discrete sample`` runs: every method in ``methods`` (``("all",)``: every sampler of the
+    checkpoint's process) at every count in ``steps``.
 
     ``scorer``: the masked checkpoint whose NELBO scores the samples (None: the checkpoint itself when it is
     masked; a uniform checkpoint without a scorer gets no NLL column). ``nll_draws``: noise levels per sample in
@@ -141,7 +137,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _report_row(samples: Tensor, scorer: nn.Module | None, cfg: DiscreteSampleConfig, **head: Any) -> dict[str, Any]:
-    return {**head, **_nll_columns(scorer, samples, cfg), **sequence_metrics(samples)}
+    return {**head, "sequences": len(samples), **_nll_columns(scorer, samples, cfg), **sequence_metrics(samples)}
 
 
 def _save_grid(samples: Tensor, model: nn.Module, out: Path | None, name: str, title: str) -> str | None:
@@ -163,20 +159,21 @@ def sample_discrete(cfg: DiscreteSampleConfig) -> dict[str, Any]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, state = load_discrete_model(cfg.checkpoint, device=device)
     scorer, scorer_state = _load_scorer(cfg, model, device)
-    from difforge.samplers.discrete import sample  # after the checkpoints: their errors come first
+    from difforge.samplers.discrete import METHODS, sample  # after the checkpoints: their errors come first
 
     c = model.config
     out = Path(cfg.out) if cfg.out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    # Held out from the scorer's training run (the sampled model's when it scores itself).
+    # Held out from the scorer's training run (the sampled model's when it scores itself), as many sequences as
+    # there are samples where it has enough: n-gram ratios fall as the number of sequences grows.
     split_seed = (scorer_state or state).meta["config"].get("split_seed", 0)
-    held_out = split_digits(seed=split_seed)[1].to(device)
+    held_out = split_digits(seed=split_seed)[1][: cfg.num_samples].to(device)
     reference = _report_row(held_out, scorer, cfg, method="held-out data", steps=None, nfe=None, wall_s=None)
     reference["png"] = _save_grid(held_out, model, out, "held_out.png", "held-out digits")
     with torch.inference_mode():  # the first call pays for thread pools and allocations, outside the timings
         model(torch.zeros(1, c.length, dtype=torch.int64, device=device), torch.ones(1, device=device))
-    methods = METHODS[c.process] if cfg.methods == ("all",) else cfg.methods
+    methods = tuple(METHODS[c.process]) if cfg.methods == ("all",) else cfg.methods
     runs = [(method, steps) for method in methods for steps in cfg.steps]
     rows = []
     for method, steps in _progress(runs, cfg.progress):
@@ -220,8 +217,8 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown table (held-out data first), with what each column means."""
-    head = ["method", "steps", "NFE", "NLL/token", "±", "entropy", *[f"uniq {n}-gram" for n in NGRAMS], "dup",
-            "wall s"]  # fmt: skip
+    head = ["method", "steps", "NFE", "seqs", "NLL/token", "±", "entropy", *[f"uniq {n}-gram" for n in NGRAMS],
+            "dup", "wall s"]  # fmt: skip
     lines = [
         f"# discrete sampling report: {report['process']} model",
         "",
@@ -232,8 +229,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         "|" + "---|" * len(head),
     ]
     for row in [report["reference"], *report["rows"]]:
-        cells = [row["method"], _cell(row["steps"]), _cell(row["nfe"]), _cell(row["nll_per_token"]),
-                 _cell(row["nll_stderr"]), _cell(row["token_entropy"]),
+        cells = [row["method"], _cell(row["steps"]), _cell(row["nfe"]), _cell(row["sequences"]),
+                 _cell(row["nll_per_token"]), _cell(row["nll_stderr"]), _cell(row["token_entropy"]),
                  *[_cell(row[f"unique_{n}gram"]) for n in NGRAMS], _cell(row["duplicate_rate"]),
                  _cell(row["wall_s"], 2)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -244,7 +241,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         "an upper bound on that model's negative log-likelihood in nats; ± is the standard error of the mean."
         if scorer else "NLL/token: not computed (a uniform model needs a masked `--scorer`).",
         "entropy: mean entropy (nats) of each sample's own token histogram; uniq n-gram: distinct / total n-grams "
-        "inside samples (row-major pixels); dup: fraction of samples equal to an earlier one.",
+        "inside samples (row-major pixels; compare rows with equal seqs); dup: fraction of samples equal to an "
+        "earlier one.",
         "",
     ]
     return "\n".join(lines)
