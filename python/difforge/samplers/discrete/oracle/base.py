@@ -8,6 +8,8 @@ Sequences are indexed big-endian (``difforge.samplers.discrete.metrics.state_ind
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -42,7 +44,7 @@ def as_law(values, shape: tuple[int, ...], name: str) -> Tensor:
     return law / total
 
 
-class Oracle:
+class Oracle(abc.ABC):
     """A law over sequences ``[N]^L`` (``N = vocab_size``, ``L = length``) with exact log-probabilities,
     samples, marginals and, for both noising processes, exact denoiser and leave-one-out posteriors.
 
@@ -61,9 +63,9 @@ class Oracle:
         """``N ** L``, the number of sequences."""
         return self.vocab_size**self.length
 
+    @abc.abstractmethod
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact normalized ``log p(x)`` of sequences ``x`` int64 ``[B, L]``: float64 ``[B]``."""
-        raise NotImplementedError
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact i.i.d. samples, int64 ``[n, L]``."""
@@ -73,13 +75,14 @@ class Oracle:
             return torch.zeros(0, self.length, dtype=torch.long)
         return self._sample(n, generator)
 
+    @abc.abstractmethod
     def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
-        raise NotImplementedError
+        """``n >= 1`` exact samples."""
 
+    @abc.abstractmethod
     def _posteriors(self, log_phi: Tensor, include_self: bool) -> Tensor:
         """Normalized ``log p(x0_i = y | evidence)`` ``[B, L, N]`` for evidence ``log_phi [B, L, N]`` on every
         position (``include_self``) or every position but i."""
-        raise NotImplementedError
 
     def denoiser(self, x_t: Tensor, alpha, process: str) -> Tensor:
         """Exact ``log p(x0_i = y | x_t)``, float64 ``[B, L, N]``, for ``x_t`` int64 ``[B, L]`` noised by
