@@ -1,4 +1,5 @@
-"""`difforge` command line: `difforge info`, `difforge demo`, `difforge train`, `difforge discrete train|sample|eval`."""
+"""`difforge` command line: `difforge info`, `difforge demo`, `difforge train`, `difforge sample`, `difforge rl`,
+`difforge discrete train|sample|eval`."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def train(args: argparse.Namespace) -> int:
         sparse_ratio=args.sparse_ratio, full_blocks=args.full_blocks, hif8=args.hif8, ssp=args.ssp, seed=args.seed,
         lr=args.lr, grad_accum=args.grad_accum, data=args.data, num_samples=args.num_samples,
         tokens_per_batch=args.tokens_per_batch, bucketing=args.bucketing, bucket_p=args.bucket_p,
-        per_frame_t=args.per_frame_t, fused_norm=not args.no_fused_norm, backend=args.backend,
+        per_frame_t=args.per_frame_t, cond_dropout=args.cond_dropout, fused_norm=not args.no_fused_norm,
+        backend=args.backend,
         ckpt_every=args.ckpt_every, log_every=args.log_every, device=args.device, precision=args.precision,
         progress=not args.no_progress, ema_decay=args.ema_decay, warmup=args.warmup,
         fsdp=args.fsdp, **({"sizes": args.sizes} if args.sizes else {}),
@@ -112,6 +114,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--bucketing", choices=("adaptive", "equal-token"), default="adaptive")
     p.add_argument("--bucket-p", type=float, default=None, help="AdaptiveLoad exponent p (default: calibrated)")
     p.add_argument("--per-frame-t", action="store_true", help="an independent time per latent frame")
+    p.add_argument("--cond-dropout", type=float, default=0.1,
+                   help="probability of training on the null (zero) condition, for classifier-free guidance")
     p.add_argument("--no-fused-norm", action="store_true", help="eager PyTorch norms (the baseline)")
     p.add_argument("--backend", choices=("difforge", "sdpa"), default="difforge", help="attention kernels")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
@@ -143,6 +147,117 @@ def discrete_train(args: argparse.Namespace) -> int:
         f"checkpoints, metrics.jsonl and loss.png in {result.out}"
     )
     return 0
+
+
+def _latent_size(text: str) -> tuple[int, int]:
+    try:
+        size = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected a latent size H x W like 16x16, got {text!r}")
+    return size
+
+
+def sample(args: argparse.Namespace) -> int:
+    from difforge.pipelines.sample_video import SampleConfig, run_sample
+
+    cfg = SampleConfig(
+        checkpoint=args.checkpoint, out=args.out, frames=args.frames, size=args.size, chunk=args.chunk,
+        kv_bits=args.kv_bits, jensen=args.jensen, sink_frames=args.sink_frames, recent_frames=args.recent_frames,
+        weights=args.weights, steps=args.steps, sampler=args.sampler, shift=args.shift, cfg=args.cfg, num=args.num,
+        seed=args.seed, fidelity=not args.no_fidelity, device=args.device,
+    )  # fmt: skip
+    report = run_sample(cfg)
+    line = f"{report['mode']}: {report['shape']} latents, {report['nfe']} NFE, {report['wall_s']:.2f} s"
+    if "kv_cache" in report:
+        kv = report["kv_cache"]
+        line += f"; KV cache INT{kv['bits']}: {kv['bytes']:,} B = {kv['ratio']:.3f}x bf16" if kv["bits"] != 16 else ""
+    print(line)
+    for mode, row in report.get("fidelity_vs_unquantized_cache", {}).items():
+        if isinstance(row, dict):
+            print(f"  jensen={mode:<8} PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.4f} vs the unquantized cache")
+    print(f"frames.png, video.gif and report.json in {report['out']}")
+    return 0
+
+
+def _add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="sample videos from a trained video DiT (full or chunk-wise AR with a KV cache)")
+    p.add_argument("--checkpoint", required=True, help="a `difforge train` run folder or one step-* folder")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/samples)")
+    p.add_argument("--frames", type=int, default=None, help="latent frames (default: the largest training clip's)")
+    p.add_argument("--size", type=_latent_size, default=None, help="latent H x W, e.g. 16x16")
+    p.add_argument("--chunk", type=int, default=None, help="latent frames per autoregressive chunk (default: full)")
+    p.add_argument("--kv-bits", type=int, default=16, help="KV cache bits: 2, 4, 8 or 16 (unquantized)")
+    p.add_argument("--jensen", default="taylor2", help="Jensen correction: none, taylor2, taylor4, exact")
+    p.add_argument("--sink-frames", type=int, default=1, help="unquantized first frames of the cache")
+    p.add_argument("--recent-frames", type=int, default=1, help="unquantized most recent frames of the cache")
+    p.add_argument("--weights", default="bf16", help="bf16 or nvfp4 (NVFP4 linears, W4A16)")
+    p.add_argument("--steps", type=int, default=16, help="ODE steps per chunk")
+    p.add_argument("--sampler", default="euler", help="euler or heun")
+    p.add_argument("--shift", type=float, default=1.0, help="time-grid shift (> 1: more steps near noise)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--num", type=int, default=4, help="videos (one prompt each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fidelity", action="store_true", help="skip the unquantized-cache and Jensen comparison")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=sample, command="sample")
+
+
+def rl(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from difforge.pipelines.rl import RLConfig, compare, run_rl
+
+    if len(args.shape) != 1:
+        raise ValueError(f"--shape takes one latent shape T x H x W, got {len(args.shape)}")
+    cfg = RLConfig(
+        checkpoint=args.checkpoint, out=args.out, reward=args.reward, mode=args.mode, iterations=args.iterations,
+        prompts=args.prompts, group=args.group, pool=args.pool, top_k=args.top_k, bottom_k=args.bottom_k,
+        steps=args.steps, noise_level=args.noise_level, shape=args.shape[0], lr=args.lr, clip=args.clip, kl=args.kl,
+        seed=args.seed, device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    if args.compare:
+        other = dataclasses.replace(cfg, mode="bf16" if cfg.mode == "two-stage" else "two-stage")
+        two_stage, bf16 = (cfg, other) if cfg.mode == "two-stage" else (other, cfg)
+        result = compare(two_stage, bf16, args.out)
+        print(result.table)
+        print(f"compare.md, compare.png and both runs in {result.out}")
+        return 0
+    r = run_rl(cfg)
+    print(
+        f"{r.mode} RL, reward {r.reward}: evaluation reward {r.eval_reward_before:.4f} -> {r.eval_reward_after:.4f} "
+        f"in {r.iterations} iterations, {r.wall_s:.1f} s ({r.bf16_rollouts} BF16 + {r.nvfp4_rollouts} NVFP4 rollouts)\n"
+        f"metrics.jsonl, reward.png, report.json and the tuned checkpoint in {r.out}"
+    )
+    return 0
+
+
+def _add_rl_parser(sub) -> None:
+    p = sub.add_parser("rl", help="GRPO fine-tuning of a video DiT: two-stage NVFP4 explore / BF16 train, or BF16")
+    p.add_argument("--checkpoint", required=True, help="a `difforge train` run folder or one step-* folder")
+    p.add_argument("--reward", default="brightness",
+                   help="built-in reward (brightness, colour:<name>, motion:<direction>, prompt_motion) or "
+                        "package.module:function taking (videos, conditions) -> [B]")  # fmt: skip
+    p.add_argument("--mode", default="two-stage", help="two-stage (NVFP4 pool -> BF16 subset) or bf16")
+    p.add_argument("--compare", action="store_true", help="run both modes at equal compute: compare.md + PNG")
+    p.add_argument("--out", default="runs/rl", help="metrics, report, plots and the tuned checkpoint go here")
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--prompts", type=int, default=4, help="prompts per iteration")
+    p.add_argument("--group", type=int, default=8, help="bf16 mode: candidates per prompt")
+    p.add_argument("--pool", type=int, default=32, help="two-stage: NVFP4 candidates per prompt")
+    p.add_argument("--top-k", type=int, default=4, help="two-stage: best candidates regenerated in BF16")
+    p.add_argument("--bottom-k", type=int, default=4, help="two-stage: worst candidates regenerated in BF16")
+    p.add_argument("--steps", type=int, default=10, help="SDE sampling steps")
+    p.add_argument("--noise-level", type=float, default=0.7, help="Flow-GRPO's SDE noise level a")
+    p.add_argument("--shape", type=_latent_sizes, default=((4, 16, 16),), help="latent T x H x W of the samples")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--clip", type=float, default=1e-3, help="PPO clip range")
+    p.add_argument("--kl", type=float, default=0.0, help="KL weight to the starting policy (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=rl, command="rl")
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -250,7 +365,9 @@ def _add_discrete_sample_parser(actions) -> None:
 
 
 def _add_discrete_parser(sub) -> None:
-    p = sub.add_parser("discrete", help="discrete diffusion: train and sample on sklearn's digits, eval samplers on exact oracles")
+    p = sub.add_parser(
+        "discrete", help="discrete diffusion: train and sample on sklearn's digits, eval samplers on exact oracles"
+    )
     actions = p.add_subparsers(dest="action", required=True)
     _add_discrete_train_parser(actions)
     _add_discrete_sample_parser(actions)
@@ -266,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo", help="folder for the demo's outputs (training run, plots)")
     p.set_defaults(func=demo)
     _add_train_parser(sub)
+    _add_sample_parser(sub)
+    _add_rl_parser(sub)
     _add_discrete_parser(sub)
     args = parser.parse_args(argv)
     from difforge.data.digits import DigitsUnavailableError

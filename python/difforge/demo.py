@@ -1,42 +1,30 @@
-"""The main job until the pipelines land: one DiT block's norm and attention path end to end, and one
-chunk-wise autoregressive attention step over an INT2 KV cache.
+"""`difforge demo`: the main job end to end, on the GPU when there is one, in a few minutes on 2 CPU cores.
 
-A Wan-style block (a [B, 6, D] modulation table chunked into views) runs adaLN-modulate, self-attention
-on q/k/v views of a fused projection, and the gated residual + second adaLN-modulate through the fused
-ops, forward and backward; it is checked against the plain-PyTorch composition (SDPA for attention).
-Then a 3-frame chunk attends to 12 cached frames stored at INT2: the attention mass the chunk gives
-itself, without and with the Jensen correction, against the unquantized cache. Then the block's QKV
-projection runs with HiF8 (training recipe) and NVFP4 (rollout) weights, and a hybrid full/Skiparse attention
-stack (OSP-Next dual_end schedule) runs against the all-full stack. Then the tiny video DiT trains for
-40 steps (hybrid Skiparse, HiF8, fused norms; outputs in ``<out>/train``). Finally the norm, attention, kvcache
-and formats benchmark tables are printed.
+1. one Wan-style DiT block (adaLN-modulate, flash attention, gated residual) through the fused ops, forward and
+   backward, checked against the plain-PyTorch composition;
+2. the tiny video DiT trained briefly by flow matching (hybrid Skiparse attention, HiF8 linears, fused norms,
+   AdaptiveLoad buckets, diffusion-forcing times);
+3. chunk-wise autoregressive sampling with an INT2 KV cache (Jensen-corrected) and with the unquantized cache;
+4. a short two-stage RL round (NVFP4 exploration pool, BF16 training on the contrastive subset);
+5. the discrete-diffusion samplers against an exact oracle (TV vs NFE);
+6. `difforge-bench` on small shapes.
+
+Everything lands in one folder (``--out``, default ``runs/demo``) with ``summary.md`` on top.
 """
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import difforge
-from difforge.nn import AdaLNModulate, SkiparseAttention, SkiparseLayout, dual_end_schedule, rope_angles_3d
+from difforge.nn import AdaLNModulate
 
 HEAD_DIM = 128
-
-
-def _quantized_projection(x, w_qkv):
-    """x @ w_qkv with HiF8 weights + activations and with NVFP4 weights: error and weight bytes vs bf16."""
-    ops = difforge.ops
-    w = w_qkv.t().contiguous().float()  # [N, K], the nn.Linear layout the quantized GEMMs take
-    exact = x.float() @ w.t()
-    codes, s = ops.hif8_quantize(w)
-    hif8 = ops.hif8_linear(x.float(), codes, s)
-    scales, packed = ops.nvfp4_quantize(w, pts := ops.nvfp4_per_tensor_scale(w))
-    nvfp4 = ops.nvfp4_linear(x.bfloat16(), scales, packed, pts).float()
-    print(f"\nquantized QKV projection ({w.shape[1]} -> {w.shape[0]}), relative RMS error vs fp32 weights:")
-    for name, y, nbytes in (("hif8 (W8A8)", hif8, codes.numel()), ("nvfp4 (W4A16)", nvfp4, packed.numel() +
-                                                                     scales.numel())):
-        err = ((y - exact).square().mean() / exact.square().mean()).sqrt().item()
-        print(f"  {name:<14} error {err:.2e}, weight {nbytes / (2 * w.numel()):.3f}x the bf16 bytes")
 
 
 def _qkv(y, w_qkv):
@@ -62,122 +50,140 @@ def _fused(x, e, w_qkv, norm1, norm2):
     return x, y1, y2
 
 
-def _kv_cache_step(device: str, dtype: torch.dtype) -> None:
-    B, H, tokens_per_frame = 1, 4, 256
-    cached, chunk = 12 * tokens_per_frame, 3 * tokens_per_frame
-    gen = torch.Generator().manual_seed(1)
-
-    def randn(length, std=1.0):
-        return (std * torch.randn(B, length, H, HEAD_DIM, generator=gen)).to(device, dtype)
-
-    q, k_cur, k_cache = randn(chunk, std=2.0), randn(chunk), randn(cached)
-    # Values mark the segment (1 in channel 0 for the chunk, 0 for the cache): out[..., 0] is the chunk's mass.
-    v_cur = torch.zeros_like(k_cur)
-    v_cur[..., 0] = 1
-    v_cache = torch.zeros_like(k_cache)
-    ref, _ = difforge.ops.flash_attention(q, torch.cat([k_cache, k_cur], 1), torch.cat([v_cache, v_cur], 1))
-    ref_mass = ref[..., 0].float().mean().item()
-    k_q, v_q = difforge.ops.kv_quantize(k_cache, bits=2), difforge.ops.kv_quantize(v_cache, bits=2)
-    cache_bytes = sum(t.numel() * t.element_size() for t in (*k_q, *v_q))
-    print(f"\nchunk-wise AR attention step: a {chunk}-token chunk over {cached} cached tokens at INT2 (g=32): "
-          f"cache bytes {cache_bytes / (2 * k_cache.numel() * 2):.4f}x bf16")
-    print(f"  mass the chunk gives itself: unquantized cache {ref_mass:.4f}")
-    uncorrected = None
-    for mode in ("none", "taylor2", "exact"):
-        out = difforge.ops.quantized_kv_attention(q, k_cur, v_cur, *k_q, *v_q, bits=2, jensen=mode)
-        mass = out[..., 0].float().mean().item()
-        uncorrected = mass if uncorrected is None else uncorrected
-        removed = 1 - (mass - ref_mass) / (uncorrected - ref_mass)
-        note = "" if mode == "none" else f"  ({removed:.0%} of the shift removed)"
-        print(f"  INT2 cache, jensen={mode:<8} {mass:.4f}{note}")
-
-
-def _skiparse_stack(device: str, dtype: torch.dtype) -> None:
-    """8 attention layers over a 4x18x32 latent grid: dual_end (F = 4, P = 2) against all-full, fwd + bwd."""
-    import time
-
-    grid, B, C, heads = (4, 18, 32), 1, 256, 4
-    N = grid[0] * grid[1] * grid[2]
-    torch.manual_seed(2)
-    layers = [SkiparseAttention(C, heads).to(device, dtype) for _ in range(8)]
-    angles = rope_angles_3d(grid, C // heads, device=device)
-    x0 = torch.randn(B, N, C, device=device, dtype=dtype)
-
-    def stack(schedule):
-        layout, x = SkiparseLayout(grid, 2, batch=B), x0.clone().requires_grad_()
-        for kind, layer in zip(schedule, layers):
-            x = layout.to(x, kind)
-            x = x + layer(x, layout, angles)
-        layout.to(x, "full").float().square().mean().backward()
-
-    schedules = {"full": ["full"] * 8, "dual_end": dual_end_schedule(8, 4)}
-    seconds = {}
-    for name, schedule in schedules.items():
-        stack(schedule)  # warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        stack(schedule)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds[name] = time.perf_counter() - start
-    letters = "".join(kind[0].upper() for kind in schedules["dual_end"])
-    print(f"\nhybrid Skiparse attention stack, grid {grid} (N = {N}), 8 layers, P = 2, schedule {letters}:")
-    print(f"  fwd+bwd all-full {seconds['full'] * 1e3:.1f} ms, dual_end {seconds['dual_end'] * 1e3:.1f} ms "
-          f"({seconds['full'] / seconds['dual_end']:.2f}x)")
-
-
-def _train_tiny(device: str, out: str) -> None:
-    """The tiny video DiT, hybrid Skiparse + HiF8 + fused norms, trained briefly by flow matching."""
-    from difforge.pipelines.train_video import TrainConfig, train
-
-    cfg = TrainConfig(
-        steps=40, out=f"{out}/train", attention="hybrid", hif8=True, sizes=((4, 8, 8), (4, 8, 16), (8, 16, 16)),
-        tokens_per_batch=512, num_samples=256, device=device, progress=False, ckpt_every=40,
-    )  # fmt: skip
-    print(f"\ntraining the tiny video DiT ({cfg.steps} steps, hybrid Skiparse + HiF8, AdaptiveLoad buckets):")
-    result = train(cfg)
-    print(f"  loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s, "
-          f"calibrated AdaptiveLoad p = {result.bucket_p:.2f}; checkpoint, metrics.jsonl, loss.png in {result.out}")
-
-
-def run(device: str | None = None, out: str = "runs/demo") -> int:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def _block_check(device: str, dtype: torch.dtype, notes: list[str]) -> bool:
     B, L, D = 2, 1024, 1536  # Wan2.1-1.3B width
-    print(f"difforge {difforge.__version__} demo on {device} ({dtype}): DiT block norm + attention path, "
-          f"B={B} L={L} D={D} heads={D // HEAD_DIM}")
+    print(f"[1/6] one DiT block's norm + attention path, fused vs eager (B={B} L={L} D={D} heads={D // HEAD_DIM})")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(B, L, D, generator=gen).to(device, dtype)
     w_qkv = (torch.randn(D, 3 * D, generator=gen) / D**0.5).to(device, dtype)
     e = (0.1 * torch.randn(B, 6, D, generator=gen)).to(device)  # fp32 modulation, as in Wan
     norm1, norm2 = AdaLNModulate(D).to(device), AdaLNModulate(D).to(device)
-
     results = {}
     for name, fn in (("fused", _fused), ("reference", _reference)):
         leaves = [t.clone().requires_grad_() for t in (x, e, w_qkv)]
         outs = fn(*leaves, norm1, norm2)
-        loss = sum((o.float() * (i + 1)).square().mean() for i, o in enumerate(outs))
-        loss.backward()
-        results[name] = (outs, [t.grad for t in leaves])
-    (fo, fg), (ro, rg) = results["fused"], results["reference"]
+        sum((o.float() * (i + 1)).square().mean() for i, o in enumerate(outs)).backward()
+        results[name] = [*outs, *(t.grad for t in leaves)]
     names = ["x_out", "y1", "y2", "grad x", "grad modulation", "grad w_qkv"]
-    worst = 0.0
-    for n, a, b in zip(names, [*fo, *fg], [*ro, *rg]):
-        err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
-        worst = max(worst, err)
-        print(f"  {n:<16} max relative error vs eager composition: {err:.2e}")
+    errors = {
+        n: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+        for n, a, b in zip(names, results["fused"], results["reference"])
+    }
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    if worst > tolerance:
-        print(f"demo FAILED: error {worst:.2e} above {tolerance:.0e}")
-        return 1
+    worst = max(errors.values())
+    print(f"  worst max relative error {worst:.2e} (tolerance {tolerance:.0e})")
+    notes += ["## 1. Fused DiT block vs eager PyTorch", "", "| tensor | max relative error |", "|---|---|"]
+    notes += [f"| {n} | {err:.2e} |" for n, err in errors.items()] + [""]
+    return worst <= tolerance
 
-    _kv_cache_step(device, dtype)
-    _quantized_projection(x, w_qkv)
-    _skiparse_stack(device, dtype)
-    _train_tiny(device, out)
 
-    print("\nbenchmarks (difforge-bench norm attention kvcache formats --quick):")
+def _train(device: str, out: Path, steps: int, notes: list[str]) -> None:
+    from difforge.pipelines.train_video import TrainConfig, train
+
+    cfg = TrainConfig(
+        steps=steps, out=str(out), attention="hybrid", hif8=True, per_frame_t=True, sizes=((8, 8, 8),), lr=2e-3,
+        bucketing="equal-token",
+        tokens_per_batch=1024, num_samples=512, device=device, progress=False, ckpt_every=steps, log_every=10,
+    )  # fmt: skip
+    print(f"[2/6] training the tiny video DiT, {steps} steps (hybrid Skiparse + HiF8 + fused norms)")
+    result = train(cfg)
+    print(f"  loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s")
+    notes += [
+        "## 2. Training (tiny video DiT, flow matching)", "",
+        f"{result.params:,} parameters, {steps} steps, hybrid Skiparse (dual_end) + HiF8 linears + fused norms, "
+        f"diffusion-forcing per-frame times: loss {result.first_loss:.3f} -> {result.final_loss:.3f}, "
+        f"{result.tokens_per_s:,.0f} tokens/s. Curve: `train/loss.png`.", "",
+    ]  # fmt: skip
+
+
+def _sample(device: str, run: Path, out: Path, notes: list[str]) -> None:
+    from difforge.pipelines.sample_video import SampleConfig, run_sample
+
+    print("[3/6] chunk-wise autoregressive sampling: INT2 KV cache (Jensen taylor2) vs the unquantized cache")
+    cfg = SampleConfig(str(run), out=str(out), frames=8, size=(8, 8), chunk=2, kv_bits=2, jensen="taylor2",
+                       steps=12, num=4, device=device)  # fmt: skip
+    report = run_sample(cfg)
+    kv, fidelity = report["kv_cache"], report["fidelity_vs_unquantized_cache"]
+    print(f"  {report['nfe']} NFE, {report['wall_s']:.2f} s; INT2 cache {kv['ratio']:.3f}x the bf16 bytes")
+    notes += [
+        "## 3. Chunk-wise autoregressive sampling with a quantized KV cache", "",
+        f"{report['shape'][0]} videos of {report['shape'][2]} latent frames, chunks of {cfg.chunk}, {cfg.steps} Euler "
+        f"steps per chunk: {report['nfe']} NFE, {report['wall_s']:.2f} s. INT2 cache (1 sink + 1 window frame "
+        f"unquantized): {kv['bytes']:,} B = {kv['ratio']:.3f}x bf16 ({kv['bf16_bytes']:,} B).", "",
+        "| Jensen correction | PSNR vs unquantized cache (dB) | SSIM |", "|---|---|---|",
+    ]  # fmt: skip
+    for mode, row in fidelity.items():
+        if isinstance(row, dict):
+            print(f"  jensen={mode:<8} PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.4f}")
+            notes.append(f"| {mode} | {row['psnr_db']:.2f} | {row['ssim']:.4f} |")
+    notes += ["", "Frames: `sample/frames.png` (INT2), `sample/frames_bf16_cache.png`, `sample/video.gif`.", ""]
+
+
+def _rl(device: str, run: Path, out: Path, notes: list[str]) -> None:
+    from difforge.pipelines.rl import RLConfig, run_rl
+
+    print("[4/6] two-stage RL: NVFP4 exploration pool -> contrastive subset -> BF16 regeneration + GRPO update")
+    cfg = RLConfig(checkpoint=str(run), out=str(out), reward="brightness", mode="two-stage", iterations=4, prompts=2,
+                   pool=8, top_k=2, bottom_k=2, steps=6, shape=(4, 8, 8), lr=1e-3, device=device, progress=False)
+    r = run_rl(cfg)
+    print(f"  evaluation reward {r.eval_reward_before:.4f} -> {r.eval_reward_after:.4f} in {r.wall_s:.1f} s")
+    notes += [
+        "## 4. Two-stage RL (NVFP4 explore, BF16 train)", "",
+        f"Reward `{r.reward}` on the fixed evaluation batch (ODE): {r.eval_reward_before:.4f} -> "
+        f"{r.eval_reward_after:.4f} after {r.iterations} iterations: {r.nvfp4_rollouts} NVFP4 rollouts explored "
+        f"({r.explore_s:.1f} s), {r.bf16_rollouts} regenerated in full precision ({r.rollout_s:.1f} s), updates "
+        f"{r.update_s:.1f} s. Curves: `rl/reward.png`; log: `rl/metrics.jsonl`.", "",
+    ]  # fmt: skip
+
+
+def _discrete(out: Path, notes: list[str]) -> None:
+    from difforge.samplers.discrete.oracle.report import run_eval
+
+    print("[5/6] discrete-diffusion samplers vs an exact Markov-chain oracle (TV vs NFE)")
+    paths = run_eval("markov", ("uniform", "masked"), (2, 4, 8), samples=4000, max_monte_carlo_steps=8, out=str(out),
+                     verbose=False)  # fmt: skip
+    table = Path(paths["results.md"]).read_text().strip().replace("# ", "### ", 1)  # under this section's heading
+    notes += ["## 5. Discrete-diffusion samplers on an exact oracle", "", table, ""]
+
+
+def _bench(device: str, out: Path, notes: list[str]) -> int:
     from difforge_bench.cli import main as bench_main
 
-    return bench_main(["norm", "attention", "kvcache", "formats", "--quick", "--device", device])
+    print("[6/6] difforge-bench on small shapes")
+    rc = bench_main(["norm", "attention", "kvcache", "formats", "sampling", "--quick", "--device", device,
+                     "--out", str(out)])  # fmt: skip
+    table = out / "results.md"
+    notes += ["## 6. Benchmarks (`difforge-bench --quick`)", ""]
+    notes += [table.read_text().strip() if table.exists() else "(no results.md written)", ""]
+    return rc
+
+
+def run(device: str | None = None, out: str = "runs/demo", train_steps: int = 400) -> int:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"difforge {difforge.__version__} demo on {device}; outputs in {folder}")
+    notes = [f"# difforge {difforge.__version__} demo ({device}, torch {torch.__version__})", ""]
+    seconds = {}
+
+    def step(name, fn, *args):
+        start = time.perf_counter()
+        value = fn(*args)
+        seconds[name] = round(time.perf_counter() - start, 1)
+        return value
+
+    if not step("block check", _block_check, device, dtype, notes):
+        print("demo FAILED: the fused block does not match the eager composition")
+        return 1
+    step("train", _train, device, folder / "train", train_steps, notes)
+    step("sample", _sample, device, folder / "train", folder / "sample", notes)
+    step("rl", _rl, device, folder / "train", folder / "rl", notes)
+    step("discrete eval", _discrete, folder / "discrete_eval", notes)
+    rc = step("bench", _bench, device, folder / "bench", notes)
+    notes += ["## Wall time per part (s)", "", "| part | s |", "|---|---|"]
+    notes += [f"| {name} | {s} |" for name, s in seconds.items()]
+    (folder / "summary.md").write_text("\n".join(notes) + "\n")
+    (folder / "timings.json").write_text(json.dumps(seconds, indent=2))
+    print(f"\ndemo done in {sum(seconds.values()):.0f} s: {folder / 'summary.md'} and the folders beside it")
+    return rc

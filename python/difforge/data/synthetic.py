@@ -38,7 +38,7 @@ NUM_SHAPES = 4
 NUM_DIRECTIONS = 8
 NUM_SIZES = 3
 # RGB in [0, 1]: red, orange, yellow, green, cyan, blue, magenta, white.
-_PALETTE = (
+PALETTE = (
     (1.0, 0.0, 0.0),
     (1.0, 0.5, 0.0),
     (1.0, 1.0, 0.0),
@@ -48,7 +48,7 @@ _PALETTE = (
     (1.0, 0.0, 1.0),
     (1.0, 1.0, 1.0),
 )
-NUM_COLOURS = len(_PALETTE)
+NUM_COLOURS = len(PALETTE)
 _SIZE_FRACTIONS = (0.12, 0.2, 0.28)
 # Context symbols: shapes, directions, start colours, end colours, size classes, padding. Start and end colours
 # get separate symbols so the embedding alone says which end of the interpolation a colour is.
@@ -237,7 +237,7 @@ class SyntheticVideoDataset(Dataset):
         ay = _wrapped_distance(torch.arange(height, dtype=torch.float64).view(1, height, 1), centre_y, height)
         mask = (attributes["radius"] + 0.5 - _distance(attributes["shape"], ax, ay)).clamp(0.0, 1.0).float()
 
-        palette = torch.tensor(_PALETTE) * 2 - 1
+        palette = torch.tensor(PALETTE) * 2 - 1
         ramp = torch.linspace(0.0, 1.0, frames) if frames > 1 else torch.zeros(1)
         colour = torch.lerp(palette[attributes["colour_start"]], palette[attributes["colour_end"]], ramp[:, None])
         tilt, tint = background

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from difforge.nn.chunk_cache import ChunkKVCache
 from difforge.nn.dit_block import FrameModulation, HybridDiTBlock, ModulatedNorm, PendingResidual
 from difforge.nn.rope import rope_angles_3d
 from difforge.nn.skiparse import Kind, SequenceLayout, SkiparseLayout, dual_end_schedule
@@ -210,7 +211,23 @@ class VideoDiT(nn.Module):
             tokens = gather_sequence(tokens, group)
         return self.unpatchify(tokens, grid)
 
-    def forward_tokens(self, latents: Tensor, t: Tensor, context: Tensor, group: object | None = None) -> Tensor:
+    def forward_chunk(
+        self, latents: Tensor, t: Tensor, context: Tensor, kv_cache: ChunkKVCache, *, frame_offset: int,
+        commit: bool = False,
+    ) -> Tensor:  # fmt: skip
+        """Chunk-wise autoregressive call: the velocity of a chunk of latent frames ``[B, C, Tc, H, W]`` whose first
+        token frame is frame ``frame_offset`` of the video (RoPE positions), attending to the frames committed to
+        ``kv_cache`` and bidirectionally within the chunk. ``commit=True`` appends the chunk's keys/values (call it
+        once, on the clean chunk at t = 0)."""
+        grid = self.grid(latents.shape)
+        kv_cache.begin(frames=grid[0], commit=commit)
+        tokens = self.forward_tokens(latents, t, context, kv_cache=kv_cache, frame_offset=frame_offset)
+        return self.unpatchify(tokens, grid)
+
+    def forward_tokens(
+        self, latents: Tensor, t: Tensor, context: Tensor, group: object | None = None, *,
+        kv_cache: ChunkKVCache | None = None, frame_offset: int = 0,
+    ) -> Tensor:  # fmt: skip
         c = self.config
         grid = self.grid(latents.shape)
         B = latents.shape[0]
@@ -223,13 +240,17 @@ class VideoDiT(nn.Module):
             layout = SkiparseLayout(grid, c.sparse_ratio, batch=B, dims=c.sparse_dims, group=group, backend=c.backend)
         else:
             layout = SequenceLayout(grid, batch=B, group=group, backend=c.backend)
+        if kv_cache is not None and group is not None:
+            raise ValueError("VideoDiT: chunk-wise sampling with a KV cache runs on one process (group=None)")
+        layout.kv_cache = kv_cache
         dtype = self.patch_embedding.weight.dtype
         x = layout.arrange(self.patch_embedding(self.patchify(latents.to(dtype))))
         e = self.time_embedding(sinusoidal_embedding(t * 1000, c.freq_dim).to(dtype))  # [B, F, dim]
         frame_tokens = grid[1] * grid[2]
         block_modulation = FrameModulation(self.time_projection(e), layout, frame_tokens)
         ctx = self.text_embedding(context.to(dtype))
-        angles = self._rope(grid, latents.device)
+        # RoPE positions of the chunk's frames within the whole video.
+        angles = self._rope((frame_offset + grid[0], *grid[1:]), latents.device)[frame_offset * frame_tokens :]
         residual = None  # each block's last gated residual, fused into the next norm while the layout stays
         for kind, block in zip(self.schedule, self.blocks):
             if kind != layout.kind:

@@ -1,5 +1,6 @@
 """torch.nn modules built on difforge.ops."""
 
+from difforge.nn.chunk_cache import CacheSpec, ChunkKVCache, DenseKVCache
 from difforge.nn.dit_block import CrossAttention, FrameModulation, HybridDiTBlock, ModulatedNorm, PendingResidual
 from difforge.nn.formats import (
     DEFAULT_SKIP_PATTERNS,
@@ -16,6 +17,9 @@ from difforge.nn.skiparse import SequenceLayout, SkiparseAttention, SkiparseLayo
 __all__ = [
     "DEFAULT_SKIP_PATTERNS",
     "AdaLNModulate",
+    "CacheSpec",
+    "ChunkKVCache",
+    "DenseKVCache",
     "CrossAttention",
     "FrameModulation",
     "HybridDiTBlock",

@@ -90,6 +90,8 @@ class SequenceLayout:
         comm = None if group is None else self._parallel().comm
         self.ssp_size, self.ssp_rank = (1, 0) if comm is None else (comm.group_size(group), comm.group_rank(group))
         self.kind: Kind = "full"
+        # Chunk-wise autoregressive sampling: self-attention goes through the blocks' KV caches instead.
+        self.kv_cache = None
 
     @property
     def batch_repeat(self) -> int:
@@ -117,7 +119,10 @@ class SequenceLayout:
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
         """Self-attention of ``[rows, L, heads, D]`` tensors in the current layout: dense over the sequence
-        (Ulysses when sharded) when full, per sub-sequence with its valid keys only when sparse."""
+        (Ulysses when sharded) when full, per sub-sequence with its valid keys only when sparse; over the cached
+        earlier frames too when :attr:`kv_cache` (a :class:`~difforge.nn.chunk_cache.ChunkKVCache`) is set."""
+        if self.kv_cache is not None:
+            return self.kv_cache.attend(q, k, v, self)
         if self.kind == "full" and self.group:
             return self._parallel().ulysses_attention(q, k, v, group=self.group, scale=scale)
         return attend(q, k, v, scale=scale, seqused_k=self.seqlens(q.device), backend=self.backend)

@@ -79,6 +79,7 @@ class TrainConfig:
     t_mean: float = 0.0
     t_std: float = 1.0
     t_shift: float = 1.0
+    cond_dropout: float = 0.1  # P(condition -> zeros): trains the unconditional velocity of classifier-free guidance
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
     log_every: int = 1
     ckpt_every: int = 50
@@ -99,6 +100,7 @@ class TrainConfig:
             ("precision", self.precision in ("auto", "fp32", "bf16"), '"auto", "fp32" or "bf16"'),
             ("bucket_p", self.bucket_p is None or 1 < self.bucket_p <= 2, "in (1, 2] or None (calibrate)"),
             ("grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)"),
+            ("cond_dropout", 0 <= self.cond_dropout < 1, "in [0, 1)"),
         ]  # fmt: skip
         for name, ok, expected in checks:
             if not ok:
@@ -303,6 +305,9 @@ def flow_matching_loss(
         (B, frames) if cfg.per_frame_t else (B,), generator, mean=cfg.t_mean, std=cfg.t_std, shift=cfg.t_shift
     )
     noise = torch.randn(latents.shape, generator=generator)
+    if cfg.cond_dropout > 0:  # the null condition is all zeros (what guidance passes as the unconditional context)
+        keep = torch.rand(B, generator=generator) >= cfg.cond_dropout
+        context = context * keep.to(context.device, context.dtype)[:, None, None]
     x_t, velocity = noisy_latents(latents, noise.to(latents.device), t.to(latents.device))
     pred = predictor(x_t, t.to(latents.device), context, ssp_group)
     target = model.patchify(velocity)
