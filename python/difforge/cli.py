@@ -56,7 +56,8 @@ def train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         model=args.config, steps=args.steps, out=args.out, resume=args.resume, attention=args.attention,
-        sparse_ratio=args.sparse_ratio, full_blocks=args.full_blocks, hif8=args.hif8, ssp=args.ssp, seed=args.seed,
+        sparse_ratio=args.sparse_ratio, full_blocks=args.full_blocks, causal_chunk=args.causal_chunk, hif8=args.hif8,
+        ssp=args.ssp, seed=args.seed,
         lr=args.lr, grad_accum=args.grad_accum, data=args.data, num_samples=args.num_samples,
         tokens_per_batch=args.tokens_per_batch, bucketing=args.bucketing, bucket_p=args.bucket_p,
         per_frame_t=args.per_frame_t, cond_dropout=args.cond_dropout, fused_norm=not args.no_fused_norm,
@@ -98,6 +99,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--attention", choices=("full", "hybrid"), default="full", help="hybrid: dual_end Skiparse")
     p.add_argument("--sparse-ratio", type=int, default=2, help="Skiparse sparse ratio P (hybrid attention)")
     p.add_argument("--full-blocks", type=int, default=None, help="dense blocks of the dual_end schedule")
+    p.add_argument("--causal-chunk", type=int, default=0,
+                   help="block-causal attention over chunks of this many latent frames (chunk-wise AR models)")
     p.add_argument("--hif8", action="store_true", help="HiF8 linears (OSP-Next training recipe)")
     p.add_argument("--ssp", type=int, default=1, help="sequence-parallel degree S (divides the process count)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard over the processes instead of DDP")
@@ -165,6 +168,7 @@ def sample(args: argparse.Namespace) -> int:
     cfg = SampleConfig(
         checkpoint=args.checkpoint, out=args.out, frames=args.frames, size=args.size, chunk=args.chunk,
         kv_bits=args.kv_bits, jensen=args.jensen, sink_frames=args.sink_frames, recent_frames=args.recent_frames,
+        cache_frames=args.cache_frames,
         weights=args.weights, steps=args.steps, sampler=args.sampler, shift=args.shift, cfg=args.cfg, num=args.num,
         seed=args.seed, fidelity=not args.no_fidelity, device=args.device,
     )  # fmt: skip
@@ -177,6 +181,9 @@ def sample(args: argparse.Namespace) -> int:
     for mode, row in report.get("fidelity_vs_unquantized_cache", {}).items():
         if isinstance(row, dict):
             print(f"  jensen={mode:<8} PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.4f} vs the unquantized cache")
+    if "nvfp4_vs_bf16_weights" in report:
+        row = report["nvfp4_vs_bf16_weights"]
+        print(f"  NVFP4 weights vs BF16: PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.4f}, {row['speedup']:.2f}x speed")
     print(f"frames.png, video.gif and report.json in {report['out']}")
     return 0
 
@@ -187,11 +194,14 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--out", default=None, help="output folder (default: RUN/samples)")
     p.add_argument("--frames", type=int, default=None, help="latent frames (default: the largest training clip's)")
     p.add_argument("--size", type=_latent_size, default=None, help="latent H x W, e.g. 16x16")
-    p.add_argument("--chunk", type=int, default=None, help="latent frames per autoregressive chunk (default: full)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="latent frames per autoregressive chunk (default: the model's causal chunk, else full)")
     p.add_argument("--kv-bits", type=int, default=16, help="KV cache bits: 2, 4, 8 or 16 (unquantized)")
     p.add_argument("--jensen", default="taylor2", help="Jensen correction: none, taylor2, taylor4, exact")
     p.add_argument("--sink-frames", type=int, default=1, help="unquantized first frames of the cache")
     p.add_argument("--recent-frames", type=int, default=1, help="unquantized most recent frames of the cache")
+    p.add_argument("--cache-frames", type=int, default=None,
+                   help="frames the cache holds, rolling beyond (default: all committed frames)")
     p.add_argument("--weights", default="bf16", help="bf16 or nvfp4 (NVFP4 linears, W4A16)")
     p.add_argument("--steps", type=int, default=16, help="ODE steps per chunk")
     p.add_argument("--sampler", default="euler", help="euler or heun")

@@ -3,7 +3,7 @@
 1. one Wan-style DiT block (adaLN-modulate, flash attention, gated residual) through the fused ops, forward and
    backward, checked against the plain-PyTorch composition;
 2. the tiny video DiT trained briefly by flow matching (hybrid Skiparse attention, HiF8 linears, fused norms,
-   AdaptiveLoad buckets, diffusion-forcing times);
+   block-causal over 2-frame chunks with diffusion-forcing per-frame times);
 3. chunk-wise autoregressive sampling with an INT2 KV cache (Jensen-corrected) and with the unquantized cache;
 4. a short two-stage RL round (NVFP4 exploration pool, BF16 training on the contrastive subset);
 5. the discrete-diffusion samplers against an exact oracle (TV vs NFE);
@@ -81,18 +81,20 @@ def _train(device: str, out: Path, steps: int, notes: list[str]) -> None:
     from difforge.pipelines.train_video import TrainConfig, train
 
     cfg = TrainConfig(
-        steps=steps, out=str(out), attention="hybrid", hif8=True, per_frame_t=True, sizes=((8, 8, 8),), lr=2e-3,
+        steps=steps, out=str(out), attention="hybrid", hif8=True, per_frame_t=True, causal_chunk=2, sizes=((8, 8, 8),),
+        lr=2e-3,
         bucketing="equal-token",
         tokens_per_batch=1024, num_samples=512, device=device, progress=False, ckpt_every=steps, log_every=10,
     )  # fmt: skip
-    print(f"[2/6] training the tiny video DiT, {steps} steps (hybrid Skiparse + HiF8 + fused norms)")
+    print(f"[2/6] training the tiny block-causal video DiT, {steps} steps (hybrid Skiparse + HiF8 + fused norms)")
     result = train(cfg)
     print(f"  loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s")
     notes += [
         "## 2. Training (tiny video DiT, flow matching)", "",
         f"{result.params:,} parameters, {steps} steps, hybrid Skiparse (dual_end) + HiF8 linears + fused norms, "
-        f"diffusion-forcing per-frame times: loss {result.first_loss:.3f} -> {result.final_loss:.3f}, "
-        f"{result.tokens_per_s:,.0f} tokens/s. Curve: `train/loss.png`.", "",
+        "block-causal over 2-frame chunks with per-frame times (diffusion forcing): "
+        f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s. "
+        "Curve: `train/loss.png`.", "",
     ]  # fmt: skip
 
 
@@ -101,15 +103,15 @@ def _sample(device: str, run: Path, out: Path, notes: list[str]) -> None:
 
     print("[3/6] chunk-wise autoregressive sampling: INT2 KV cache (Jensen taylor2) vs the unquantized cache")
     cfg = SampleConfig(str(run), out=str(out), frames=8, size=(8, 8), chunk=2, kv_bits=2, jensen="taylor2",
-                       steps=12, num=4, device=device)  # fmt: skip
+                       steps=12, num=4, cfg=2.0, device=device)  # fmt: skip
     report = run_sample(cfg)
     kv, fidelity = report["kv_cache"], report["fidelity_vs_unquantized_cache"]
     print(f"  {report['nfe']} NFE, {report['wall_s']:.2f} s; INT2 cache {kv['ratio']:.3f}x the bf16 bytes")
     notes += [
         "## 3. Chunk-wise autoregressive sampling with a quantized KV cache", "",
         f"{report['shape'][0]} videos of {report['shape'][2]} latent frames, chunks of {cfg.chunk}, {cfg.steps} Euler "
-        f"steps per chunk: {report['nfe']} NFE, {report['wall_s']:.2f} s. INT2 cache (1 sink + 1 window frame "
-        f"unquantized): {kv['bytes']:,} B = {kv['ratio']:.3f}x bf16 ({kv['bf16_bytes']:,} B).", "",
+        f"steps per chunk, guidance {cfg.cfg:g}: {report['nfe']} NFE, {report['wall_s']:.2f} s. INT2 cache (1 sink "
+        f"+ 1 window frame unquantized): {kv['bytes']:,} B = {kv['ratio']:.3f}x bf16 ({kv['bf16_bytes']:,} B).", "",
         "| Jensen correction | PSNR vs unquantized cache (dB) | SSIM |", "|---|---|---|",
     ]  # fmt: skip
     for mode, row in fidelity.items():

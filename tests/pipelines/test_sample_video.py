@@ -91,10 +91,11 @@ def test_psnr_and_ssim_against_direct_formulas():
     [
         (["--chunk", "3", "--frames", "4"], "chunk \\(3\\) must divide frames"),
         (["--chunk", "2", "--kv-bits", "3"], "kv_bits must be one of"),
-        (["--kv-bits", "2"], "needs --chunk|give --chunk"),
+        (["--kv-bits", "2"], "give --chunk"),
         (["--chunk", "2", "--jensen", "cubic"], "jensen must be one of"),
         (["--weights", "fp8"], "weights must be one of"),
         (["--chunk", "2", "--frames", "4", "--size", "12x12"], "multiples of P\\^2"),
+        (["--chunk", "2", "--kv-bits", "2", "--cache-frames", "2"], "cache_frames must be more than"),
     ],
 )
 def test_bad_input_gives_clear_errors(run_dir, tmp_path, capsys, args, message):
@@ -113,3 +114,20 @@ def test_missing_or_foreign_checkpoint(tmp_path, capsys):
                     meta={"config": {}, "model_config": video_dit_config("tiny").to_dict()})  # fmt: skip
     with pytest.raises(CheckpointError, match="do not match"):
         load_video_model(tmp_path / "mismatch")
+
+
+def test_block_causal_model_samples_chunkwise_by_default(tmp_path):
+    model = VideoDiT(video_dit_config("tiny", depth=2, full_blocks=0, attention="hybrid", causal_chunk=2))
+    save_checkpoint(tmp_path / "run", step=1, tensors={"model": model.state_dict()},
+                    meta={"config": {"sizes": [[4, 8, 8]]}, "model_config": model.config.to_dict()})  # fmt: skip
+    report = run_sample(SampleConfig(str(tmp_path / "run"), out=str(tmp_path / "s"), steps=2, num=1, kv_bits=4))
+    assert report["mode"] == "chunk-wise autoregressive (2 latent frames per chunk)"
+    assert report["nfe"] == 2 * 2 + 1 and report["kv_cache"]["bits"] == 4
+
+
+def test_nvfp4_weights_are_compared_with_full_precision(run_dir, tmp_path):
+    path, _ = run_dir
+    report = run_sample(SampleConfig(str(path), out=str(tmp_path), steps=2, num=2, weights="nvfp4"))
+    row = report["nvfp4_vs_bf16_weights"]
+    assert 15 < row["psnr_db"] < 80 and 0 < row["ssim"] < 1  # close, but NVFP4 is not lossless
+    assert row["speedup"] == pytest.approx(row["bf16_wall_s"] / row["nvfp4_wall_s"])

@@ -25,7 +25,9 @@ from difforge.nn.skiparse import Kind, SequenceLayout, SkiparseLayout, dual_end_
 class VideoDiTConfig:
     """Architecture of a :class:`VideoDiT`. ``attention="hybrid"`` uses the ``dual_end`` schedule with
     ``full_blocks`` dense blocks at the ends and Skiparse blocks (sparse ratio P, ``sparse_dims`` 2 or 1) between.
-    ``fused_norm=False`` and ``backend="sdpa"`` select the plain-PyTorch baselines."""
+    ``fused_norm=False`` and ``backend="sdpa"`` select the plain-PyTorch baselines. ``causal_chunk > 0`` makes
+    self-attention block-causal over chunks of that many token frames (a chunk sees itself and earlier chunks):
+    the model chunk-wise autoregressive sampling assumes (:meth:`VideoDiT.forward_chunk`)."""
 
     in_channels: int = 4
     patch: tuple[int, int, int] = (1, 2, 2)
@@ -46,6 +48,7 @@ class VideoDiTConfig:
     fused_norm: bool = True
     backend: Literal["difforge", "sdpa"] = "difforge"
     out_channels: int | None = None
+    causal_chunk: int = 0  # > 0: block-causal over chunks of this many token frames (chunk-wise AR models)
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -60,6 +63,8 @@ class VideoDiTConfig:
             raise bad("num_heads", f"a divisor of dim = {self.dim} leaving an even head dim")
         if self.freq_dim % 2:
             raise bad("freq_dim", "even")
+        if isinstance(self.causal_chunk, bool) or not isinstance(self.causal_chunk, int) or self.causal_chunk < 0:
+            raise bad("causal_chunk", "an int >= 0 (0: bidirectional)")
         if self.attention not in ("full", "hybrid"):
             raise bad("attention", '"full" or "hybrid"')
         if self.backend not in ("difforge", "sdpa"):
@@ -240,9 +245,9 @@ class VideoDiT(nn.Module):
             layout = SkiparseLayout(grid, c.sparse_ratio, batch=B, dims=c.sparse_dims, group=group, backend=c.backend)
         else:
             layout = SequenceLayout(grid, batch=B, group=group, backend=c.backend)
-        if kv_cache is not None and group is not None:
-            raise ValueError("VideoDiT: chunk-wise sampling with a KV cache runs on one process (group=None)")
-        layout.kv_cache = kv_cache
+        if (kv_cache is not None or c.causal_chunk) and group is not None:
+            raise ValueError("VideoDiT: block-causal / chunk-wise models run on one process per sample (group=None)")
+        layout.kv_cache, layout.causal_chunk = kv_cache, c.causal_chunk
         dtype = self.patch_embedding.weight.dtype
         x = layout.arrange(self.patch_embedding(self.patchify(latents.to(dtype))))
         e = self.time_embedding(sinusoidal_embedding(t * 1000, c.freq_dim).to(dtype))  # [B, F, dim]

@@ -25,6 +25,25 @@ from difforge.nn.kvcache import SUPPORTED_BITS, QuantizedKVCache
 KV_BITS = (*SUPPORTED_BITS, 16)  # 16: the unquantized cache (model dtype), the reference the others are measured by
 
 
+def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, *, frames: int, chunk_frames: int, layout) -> Tensor:
+    """Attention of rows ``[rows, L, heads, D]`` holding ``frames`` frames one after another, where the tokens of
+    each chunk of ``chunk_frames`` frames see their own chunk and the earlier ones (CausVid's block-causal mask):
+    one attention call per chunk over its key prefix, differentiable. The schedule chunk-wise sampling follows."""
+    length = q.shape[1]
+    seqlens = layout.seqlens(q.device)
+    if length % frames or (seqlens is not None and bool((seqlens != length).any())):
+        raise ValueError(
+            f"block-causal attention needs whole frames in every row: grid {layout.grid} gives rows of {length} "
+            f"tokens for {frames} frames (in a Skiparse layout H' and W' must be multiples of P^2)"
+        )
+    from difforge.nn.skiparse import attend
+
+    per_chunk = length // frames * chunk_frames
+    outs = [attend(q[:, start : start + per_chunk], k[:, : start + per_chunk], v[:, : start + per_chunk],
+                   backend=layout.backend) for start in range(0, length, per_chunk)]  # fmt: skip
+    return torch.cat(outs, 1)
+
+
 class FrameCache(Protocol):
     tokens_per_frame: int
 
@@ -35,16 +54,25 @@ class FrameCache(Protocol):
 
 class DenseKVCache:
     """Unquantized keys/values of the committed frames, in the model dtype: the cache every quantized one is
-    compared with. ``attention`` is one softmax over ``[cached ; current chunk]``."""
+    compared with. It holds at most ``max_frames`` frames: the first ``sink_frames`` and the most recent others
+    (the same frames a :class:`QuantizedKVCache` of that capacity keeps). ``attention`` is one softmax over
+    ``[cached ; current chunk]``."""
 
-    def __init__(self, *, tokens_per_frame: int, backend: str = "difforge") -> None:
+    def __init__(self, *, tokens_per_frame: int, sink_frames: int = 0, max_frames: int | None = None,
+                 backend: str = "difforge") -> None:  # fmt: skip
         self.k: Tensor | None = None
         self.v: Tensor | None = None
         self.tokens_per_frame, self.backend = tokens_per_frame, backend
+        self.sink_frames, self.max_frames = sink_frames, max_frames
 
     def append(self, k: Tensor, v: Tensor) -> None:
         self.k = k.clone() if self.k is None else torch.cat([self.k, k], 1)
         self.v = v.clone() if self.v is None else torch.cat([self.v, v], 1)
+        if self.max_frames is not None and self.num_frames > self.max_frames:  # evict the oldest non-sink frames
+            sink, recent = self.sink_frames * self.tokens_per_frame, (self.max_frames - self.sink_frames)
+            keep = recent * self.tokens_per_frame
+            self.k = torch.cat([self.k[:, :sink], self.k[:, self.k.shape[1] - keep :]], 1)
+            self.v = torch.cat([self.v[:, :sink], self.v[:, self.v.shape[1] - keep :]], 1)
 
     def attention(self, q: Tensor, k_cur: Tensor, v_cur: Tensor) -> Tensor:
         from difforge.nn.skiparse import attend
@@ -62,7 +90,8 @@ class DenseKVCache:
 class CacheSpec:
     """How to build each block's cache. ``bits=16``: :class:`DenseKVCache`; 2/4/8: :class:`QuantizedKVCache` with
     ``sink_frames`` unquantized first frames, a window of ``recent_frames`` unquantized recent frames and every
-    older frame quantized once (up to ``max_frames``; the oldest are evicted beyond), Jensen correction
+    older frame quantized once, at most ``max_frames`` frames in all (beyond, the oldest non-sink frames are
+    evicted: a rolling cache for long videos; the unquantized cache keeps the same frames), Jensen correction
     ``jensen`` on the quantized keys. ``group_size`` is capped at the head dim."""
 
     bits: int = 16
@@ -73,6 +102,11 @@ class CacheSpec:
     group_size: int = 32
 
     def __post_init__(self) -> None:
+        if self.max_frames < self.sink_frames + self.recent_frames + 1:
+            raise ValueError(
+                f"the cache must hold more than its {self.sink_frames} sink + {self.recent_frames} recent frames, got "
+                f"max_frames={self.max_frames}"
+            )
         if self.bits not in KV_BITS:
             raise ValueError(f"KV cache bits must be one of {KV_BITS}, got {self.bits!r}")
         from difforge.ops.kvcache import JENSEN_MODES
@@ -83,11 +117,12 @@ class CacheSpec:
     def build(self, rows: int, heads: int, head_dim: int, tokens_per_frame: int, dtype: torch.dtype,
               device: torch.device, backend: str) -> FrameCache:  # fmt: skip
         if self.bits == 16:
-            return DenseKVCache(tokens_per_frame=tokens_per_frame, backend=backend)
+            return DenseKVCache(tokens_per_frame=tokens_per_frame, sink_frames=self.sink_frames,
+                                max_frames=self.max_frames, backend=backend)  # fmt: skip
         return QuantizedKVCache(
             batch=rows, heads_kv=heads, head_dim=head_dim, tokens_per_frame=tokens_per_frame,
             sink_frames=self.sink_frames, recent_frames=self.recent_frames,
-            max_quantized_frames=max(self.max_frames - self.sink_frames - self.recent_frames, 1),
+            max_quantized_frames=self.max_frames - self.sink_frames - self.recent_frames,
             bits=self.bits, group_size=min(self.group_size, head_dim), dtype=dtype, device=device, jensen=self.jensen,
         )  # fmt: skip
 

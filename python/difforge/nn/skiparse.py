@@ -92,6 +92,8 @@ class SequenceLayout:
         self.kind: Kind = "full"
         # Chunk-wise autoregressive sampling: self-attention goes through the blocks' KV caches instead.
         self.kv_cache = None
+        # Block-causal attention over chunks of this many frames (0: bidirectional), for causal video models.
+        self.causal_chunk = 0
 
     @property
     def batch_repeat(self) -> int:
@@ -123,6 +125,10 @@ class SequenceLayout:
         earlier frames too when :attr:`kv_cache` (a :class:`~difforge.nn.chunk_cache.ChunkKVCache`) is set."""
         if self.kv_cache is not None:
             return self.kv_cache.attend(q, k, v, self)
+        if self.causal_chunk and self.causal_chunk < self.grid[0]:
+            from difforge.nn.chunk_cache import block_causal_attention
+
+            return block_causal_attention(q, k, v, frames=self.grid[0], chunk_frames=self.causal_chunk, layout=self)
         if self.kind == "full" and self.group:
             return self._parallel().ulysses_attention(q, k, v, group=self.group, scale=scale)
         return attend(q, k, v, scale=scale, seqused_k=self.seqlens(q.device), backend=self.backend)

@@ -53,6 +53,7 @@ class TrainConfig:
     attention: str = "full"  # "full" | "hybrid" (dual_end Skiparse)
     sparse_ratio: int = 2
     full_blocks: int | None = None  # None: the model config's
+    causal_chunk: int = 0  # > 0: block-causal attention over chunks of this many latent token frames
     fused_norm: bool = True
     backend: str = "difforge"  # "difforge" | "sdpa"
     hif8: bool = False
@@ -109,7 +110,7 @@ class TrainConfig:
     def model_config(self) -> VideoDiTConfig:
         """The VideoDiT config of the run: the named config with this run's attention/norm options."""
         overrides = dict(self.model_overrides, attention=self.attention, sparse_ratio=self.sparse_ratio)
-        overrides.update(fused_norm=self.fused_norm, backend=self.backend)
+        overrides.update(fused_norm=self.fused_norm, backend=self.backend, causal_chunk=self.causal_chunk)
         if self.full_blocks is not None:
             overrides["full_blocks"] = self.full_blocks
         return video_dit_config(self.model, **overrides)
