@@ -13,7 +13,7 @@ from torch import nn
 from difforge.models import VideoDiT
 from difforge.pipelines.video_model import quantize_for_rollouts
 from difforge.rl.grpo import select_contrastive
-from difforge.rl.rollout import candidate_noise, log_probs, sample_sde, sample_videos, step_log_prob
+from difforge.rl.rollout import candidate_noise, log_probs, sample_sde, sample_sde_videos, step_log_prob
 
 SHAPE = (4, 2, 8, 8)  # C, T, H, W
 STEPS = 4
@@ -102,7 +102,7 @@ def test_a_subset_regenerated_alone_is_bit_identical_to_the_pool(model):
     assert torch.equal(alone.latents, subset.latents)
     assert torch.equal(alone.log_probs, subset.log_probs)
     assert torch.equal(alone.eps, subset.eps) and alone.seeds == subset.seeds == [107, 102, 109]
-    videos = sample_videos(model, context, seeds=seeds, shape=SHAPE, steps=STEPS, noise_level=0.7, micro_batch=4)
+    videos = sample_sde_videos(model, context, seeds=seeds, shape=SHAPE, steps=STEPS, noise_level=0.7, micro_batch=4)
     assert torch.equal(videos, pool.videos)
 
 

@@ -13,7 +13,6 @@ cache has one row per (sub-sequence, sample) and ``H'W'/G`` tokens per frame; H'
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,20 +24,26 @@ from difforge.nn.kvcache import SUPPORTED_BITS, QuantizedKVCache
 KV_BITS = (*SUPPORTED_BITS, 16)  # 16: the unquantized cache (model dtype), the reference the others are measured by
 
 
+def tokens_per_frame(layout, length: int, frames: int, device: torch.device) -> int:
+    """Tokens of one frame in each ``length``-token row of ``layout``, which must hold whole frames one after
+    another: raises for a Skiparse layout whose sub-sequences are padded."""
+    seqlens = layout.seqlens(device)
+    if length % frames or (seqlens is not None and bool((seqlens != length).any())):
+        raise ValueError(
+            f"chunk-wise / block-causal attention needs whole frames in every row: grid {layout.grid} gives rows of "
+            f"{length} tokens for {frames} frames (in a Skiparse layout H' and W' must be multiples of P^2)"
+        )
+    return length // frames
+
+
 def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, *, frames: int, chunk_frames: int, layout) -> Tensor:
     """Attention of rows ``[rows, L, heads, D]`` holding ``frames`` frames one after another, where the tokens of
     each chunk of ``chunk_frames`` frames see their own chunk and the earlier ones (CausVid's block-causal mask):
     one attention call per chunk over its key prefix, differentiable. The schedule chunk-wise sampling follows."""
-    length = q.shape[1]
-    seqlens = layout.seqlens(q.device)
-    if length % frames or (seqlens is not None and bool((seqlens != length).any())):
-        raise ValueError(
-            f"block-causal attention needs whole frames in every row: grid {layout.grid} gives rows of {length} "
-            f"tokens for {frames} frames (in a Skiparse layout H' and W' must be multiples of P^2)"
-        )
     from difforge.nn.skiparse import attend
 
-    per_chunk = length // frames * chunk_frames
+    length = q.shape[1]
+    per_chunk = tokens_per_frame(layout, length, frames, q.device) * chunk_frames
     outs = [attend(q[:, start : start + per_chunk], k[:, : start + per_chunk], v[:, : start + per_chunk],
                    backend=layout.backend) for start in range(0, length, per_chunk)]  # fmt: skip
     return torch.cat(outs, 1)
@@ -148,18 +153,9 @@ class ChunkKVCache:
         """Attention of the current chunk (``[rows, L, heads, head_dim]`` in ``layout``) over the block's cache and
         itself; on a commit call the chunk's keys/values are appended afterwards."""
         rows, length, heads, head_dim = k.shape
-        seqlens = layout.seqlens(k.device)
-        if seqlens is not None and bool((seqlens != length).any()):
-            raise ValueError(
-                f"chunk-wise sampling in a Skiparse layout needs H' and W' (latent size / patch) to be multiples of "
-                f"P^2: grid {layout.grid} pads its sub-sequences"
-            )
-        if length % self._frames:
-            raise ValueError(f"ChunkKVCache: {length} tokens per row do not split into {self._frames} frames")
+        per_frame = tokens_per_frame(layout, length, self._frames, k.device)
         if self._cursor == len(self.caches):
-            self.caches.append(
-                self.spec.build(rows, heads, head_dim, length // self._frames, k.dtype, k.device, layout.backend)
-            )
+            self.caches.append(self.spec.build(rows, heads, head_dim, per_frame, k.dtype, k.device, layout.backend))
         cache = self.caches[self._cursor]
         self._cursor += 1
         out = cache.attention(q, k, v)
@@ -183,5 +179,3 @@ class ChunkKVCache:
             bf16 += sum(map(len, ids)) * frame
         return {"stored": stored, "bf16": bf16}
 
-
-CacheFactory = Callable[[], ChunkKVCache]

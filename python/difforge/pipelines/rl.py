@@ -54,7 +54,7 @@ from difforge.pipelines.metrics import MetricsLog, read_metrics
 from difforge.pipelines.video_model import load_video_model, prompts, quantize_for_rollouts
 from difforge.rl.grpo import clipped_objective, gaussian_kl, group_advantages, select_contrastive
 from difforge.rl.rewards import Reward, get_reward
-from difforge.rl.rollout import Rollout, candidate_noise, sample_sde, sample_videos, step_log_prob
+from difforge.rl.rollout import Rollout, candidate_noise, sample_sde, sample_sde_videos, step_log_prob
 from difforge.samplers.continuous import sample_video
 
 MODES = ("two-stage", "bf16")
@@ -285,7 +285,7 @@ class _Run:
         start = time.perf_counter()
         explorer = quantize_for_rollouts(copy.deepcopy(self.policy), "nvfp4").requires_grad_(False)
         with self.autocast():
-            videos = sample_videos(
+            videos = sample_sde_videos(
                 explorer, context.repeat_interleave(cfg.pool, 0), seeds=[s for row in seeds for s in row],
                 shape=self.latent_shape, steps=cfg.steps, noise_level=cfg.noise_level, shift=cfg.shift,
                 micro_batch=cfg.micro_batch,

@@ -68,9 +68,11 @@ class SampleConfig:
         if self.chunk is not None and self.frames is not None and self.frames % self.chunk:
             raise ValueError(f"chunk ({self.chunk}) must divide frames ({self.frames})")
 
-    def cache_spec(self, bits: int | None = None, jensen: str | None = None, frames: int = 64) -> CacheSpec:
-        return CacheSpec(bits=self.kv_bits if bits is None else bits, jensen=jensen or self.jensen,
-                         sink_frames=self.sink_frames, recent_frames=self.recent_frames, max_frames=frames)  # fmt: skip
+    def cache_spec(self, bits: int | None = None, jensen: str | None = None, max_frames: int = 64) -> CacheSpec:
+        return CacheSpec(
+            bits=self.kv_bits if bits is None else bits, jensen=jensen or self.jensen, sink_frames=self.sink_frames,
+            recent_frames=self.recent_frames, max_frames=max_frames,
+        )  # fmt: skip
 
 
 def _timed(fn) -> tuple[VideoSample, float]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from difforge.rl.grpo import clipped_objective, gaussian_kl, group_advantages, select_contrastive
 from difforge.rl.rewards import REWARDS, Reward, get_reward
-from difforge.rl.rollout import Rollout, candidate_noise, log_probs, sample_sde, sample_videos, step_log_prob
+from difforge.rl.rollout import Rollout, candidate_noise, log_probs, sample_sde, sample_sde_videos, step_log_prob
 
 __all__ = [
     "REWARDS", "Reward", "Rollout", "candidate_noise", "clipped_objective", "gaussian_kl", "get_reward",
-    "group_advantages", "log_probs", "sample_sde", "sample_videos", "select_contrastive", "step_log_prob",
+    "group_advantages", "log_probs", "sample_sde", "sample_sde_videos", "select_contrastive", "step_log_prob",
 ]  # fmt: skip

@@ -190,7 +190,7 @@ def sample_sde(
 
 
 @torch.no_grad()
-def sample_videos(
+def sample_sde_videos(
     model: nn.Module,
     context: Tensor,
     *,
