@@ -183,7 +183,8 @@ def sample(args: argparse.Namespace) -> int:
             print(f"  jensen={mode:<8} PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.4f} vs the unquantized cache")
     if "nvfp4_vs_bf16_weights" in report:
         row = report["nvfp4_vs_bf16_weights"]
-        print(f"  NVFP4 weights vs BF16: PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.4f}, {row['speedup']:.2f}x speed")
+        print(f"  NVFP4 weights vs BF16: PSNR {row['psnr_db']:.2f} dB, SSIM {row['ssim']:.4f}, "
+              f"{row['speedup']:.2f}x the speed")
     print(f"frames.png, video.gif and report.json in {report['out']}")
     return 0
 
