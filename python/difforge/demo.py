@@ -138,14 +138,19 @@ def _rl(device: str, run: Path, out: Path, notes: list[str]) -> None:
     ]  # fmt: skip
 
 
+def _nested(markdown: Path) -> str:
+    """A Markdown report with its headings two levels down, to sit under a section of the summary."""
+    lines = markdown.read_text().strip().splitlines()
+    return "\n".join("##" + line if line.startswith("#") else line for line in lines)
+
+
 def _discrete(out: Path, notes: list[str]) -> None:
     from difforge.samplers.discrete.oracle.report import run_eval
 
     print("[5/6] discrete-diffusion samplers vs an exact Markov-chain oracle (TV vs NFE)")
     paths = run_eval("markov", ("uniform", "masked"), (2, 4, 8), samples=4000, max_monte_carlo_steps=8, out=str(out),
                      verbose=False)  # fmt: skip
-    table = Path(paths["results.md"]).read_text().strip().replace("# ", "### ", 1)  # under this section's heading
-    notes += ["## 5. Discrete-diffusion samplers on an exact oracle", "", table, ""]
+    notes += ["## 5. Discrete-diffusion samplers on an exact oracle", "", _nested(Path(paths["results.md"])), ""]
 
 
 def _bench(device: str, out: Path, notes: list[str]) -> int:
@@ -156,7 +161,7 @@ def _bench(device: str, out: Path, notes: list[str]) -> int:
                      "--out", str(out)])  # fmt: skip
     table = out / "results.md"
     notes += ["## 6. Benchmarks (`difforge-bench --quick`)", ""]
-    notes += [table.read_text().strip() if table.exists() else "(no results.md written)", ""]
+    notes += [_nested(table) if table.exists() else "(no results.md written)", ""]
     return rc
 
 
