@@ -218,7 +218,8 @@ def _add_sample_parser(sub) -> None:
 def rl(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from difforge.pipelines.rl import RLConfig, compare, run_rl
+    from difforge.pipelines.rl import RLConfig, run_rl
+    from difforge.pipelines.rl_compare import compare
 
     if len(args.shape) != 1:
         raise ValueError(f"--shape takes one latent shape T x H x W, got {len(args.shape)}")

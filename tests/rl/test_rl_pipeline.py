@@ -12,7 +12,8 @@ from torch import nn
 from difforge.models import VideoDiT
 from difforge.pipelines import checkpoint as ckpt
 from difforge.pipelines.checkpoint import CheckpointError
-from difforge.pipelines.rl import RLConfig, compare, run_rl
+from difforge.pipelines.rl import RLConfig, run_rl
+from difforge.pipelines.rl_compare import compare
 from difforge.pipelines.video_model import load_video_model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -60,6 +61,35 @@ def plot_loss(metrics_path: Path, png_path: Path, *, title: str = "flow-matching
     ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def plot_rewards(runs: Mapping[str, Sequence[Mapping[str, Any]]], png_path: Path, *, title: str = "") -> Path:
+    """Evaluation reward (solid, markers) and training reward (dashed) of each run's metrics records against the
+    wall-clock (left) and the BF16-equivalent rollouts (right), saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120, sharey=True)
+    for (label, records), colour in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        evals = [r for r in records if "eval_reward" in r]
+        trains = [r for r in records if "reward" in r]
+        for ax, key in zip(axes, ("wall_s", "equivalent_rollouts")):
+            ax.plot([r[key] for r in evals], [r["eval_reward"] for r in evals], "o-", color=colour, ms=3,
+                    label=f"{label} (evaluation, ODE)")  # fmt: skip
+            ax.plot([r[key] for r in trains], [r["reward"] for r in trains], "--", color=colour, alpha=0.5,
+                    label=f"{label} (training rollouts)")  # fmt: skip
+    axes[0].set_xlabel("wall-clock s (sampling + update, evaluation excluded)")
+    axes[1].set_xlabel("BF16-equivalent rollouts")
+    axes[0].set_ylabel("mean reward")
+    axes[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)

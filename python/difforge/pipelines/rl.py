@@ -29,7 +29,7 @@ separately) tells that story. Evaluation rollouts are not counted.
 
 Outputs in ``out``: ``config.json``, ``metrics.jsonl`` (iteration 0 = before training), ``reward.png``,
 ``report.json`` and a checkpoint of the tuned policy (``step-<iterations>``, train_video's meta layout, no EMA) that
-``load_video_model(out)`` loads.
+``load_video_model(out)`` loads. :mod:`difforge.pipelines.rl_compare` runs both modes at equal compute.
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ import torch
 from torch import Tensor
 
 from difforge.pipelines import checkpoint as ckpt
-from difforge.pipelines.metrics import MetricsLog, read_metrics
+from difforge.pipelines.metrics import MetricsLog, plot_rewards, read_metrics
 from difforge.pipelines.video_model import load_video_model, prompts, quantize_for_rollouts
 from difforge.rl.grpo import clipped_objective, gaussian_kl, group_advantages, select_contrastive
 from difforge.rl.rewards import Reward, get_reward
@@ -436,103 +435,3 @@ def _progress(cfg: RLConfig):
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.iterations, disable=not cfg.progress, desc=f"rl {cfg.mode}", unit="it", dynamic_ncols=True)
-
-
-# ---- plots and the comparison ----
-
-
-def plot_rewards(runs: Mapping[str, Sequence[Mapping[str, Any]]], png_path: Path, *, title: str = "") -> Path:
-    """Evaluation reward (solid, markers) and training reward (dashed) of each run's metrics records against the
-    wall-clock (left) and the BF16-equivalent rollouts (right), saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120, sharey=True)
-    for (label, records), colour in zip(runs.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        evals = [r for r in records if "eval_reward" in r]
-        trains = [r for r in records if "reward" in r]
-        for ax, key in zip(axes, ("wall_s", "equivalent_rollouts")):
-            ax.plot([r[key] for r in evals], [r["eval_reward"] for r in evals], "o-", color=colour, ms=3,
-                    label=f"{label} (evaluation, ODE)")  # fmt: skip
-            ax.plot([r[key] for r in trains], [r["reward"] for r in trains], "--", color=colour, alpha=0.5,
-                    label=f"{label} (training rollouts)")  # fmt: skip
-    axes[0].set_xlabel("wall-clock s (sampling + update, evaluation excluded)")
-    axes[1].set_xlabel("BF16-equivalent rollouts")
-    axes[0].set_ylabel("mean reward")
-    axes[1].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return Path(png_path)
-
-
-@dataclass
-class Comparison:
-    """:func:`compare`'s outcome: the Markdown table (also in ``out/compare.md``), the budget and both runs."""
-
-    table: str
-    budget: float
-    results: dict[str, RLResult]
-    out: Path
-
-
-_SHARED_FIELDS = ("checkpoint", "reward", "steps", "noise_level", "shift", "shape", "seed", "eval_prompts",
-                  "eval_samples", "device", "precision")  # fmt: skip
-
-
-def compare(two_stage: RLConfig, bf16: RLConfig, out: str | Path, *, budget: float | None = None) -> Comparison:
-    """Runs both modes at equal compute and writes ``out/compare.md`` (table) and ``out/compare.png`` (curves).
-
-    Equal compute means an equal budget of BF16-equivalent rollouts (module docstring), not wall-clock: a CPU
-    emulates NVFP4, so wall-clock would only measure the emulation. Each run gets ``floor(budget /
-    cfg.iteration_cost())`` iterations; ``budget`` defaults to what ``two_stage.iterations`` iterations cost. The
-    runs go to ``out/two-stage`` and ``out/bf16`` (their ``out`` and ``iterations`` are replaced). Both configs
-    must agree on the checkpoint, reward, sampling and evaluation settings.
-    """
-    if two_stage.mode != "two-stage" or bf16.mode != "bf16":
-        raise ValueError(f"compare: needs a two-stage and a bf16 config, got {two_stage.mode!r} and {bf16.mode!r}")
-    differ = [f"{name}: {getattr(two_stage, name)!r} vs {getattr(bf16, name)!r}" for name in _SHARED_FIELDS
-              if getattr(two_stage, name) != getattr(bf16, name)]  # fmt: skip
-    if differ:
-        raise ValueError("compare: the two configs must agree on " + "; ".join(differ))
-    budget = two_stage.iterations * two_stage.iteration_cost() if budget is None else float(budget)
-    out = Path(out)
-    configs = {}
-    for cfg in (two_stage, bf16):
-        iterations = math.floor(budget / cfg.iteration_cost() + 1e-9)
-        if iterations < 1:
-            raise ValueError(
-                f"compare: budget {budget:g} is below one {cfg.mode} iteration ({cfg.iteration_cost():g} "
-                "BF16-equivalent rollouts)"
-            )
-        configs[cfg.mode] = dataclasses.replace(cfg, iterations=iterations, out=str(out / cfg.mode))
-    results = {mode: run_rl(cfg) for mode, cfg in configs.items()}
-    rows = [
-        "| run | iterations | BF16 rollouts | NVFP4 rollouts | BF16-equivalent | wall-clock s (explore / rollout / "
-        "update) | eval reward before | eval reward after | gain |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, r in results.items():
-        rows.append(
-            f"| {mode} | {r.iterations} | {r.bf16_rollouts} | {r.nvfp4_rollouts} | {r.equivalent_rollouts:.1f} | "
-            f"{r.wall_s:.1f} ({r.explore_s:.1f} / {r.rollout_s:.1f} / {r.update_s:.1f}) | "
-            f"{r.eval_reward_before:.4f} | {r.eval_reward_after:.4f} | "
-            f"{r.eval_reward_after - r.eval_reward_before:+.4f} |"
-        )
-    explored = results["two-stage"]
-    notes = [
-        f"Reward `{explored.reward}`; budget {budget:.1f} BF16-equivalent rollouts (an NVFP4 rollout priced at "
-        f"{two_stage.nvfp4_cost:g}); device {explored.device}.",
-    ]
-    if not explored.native_fp4:
-        notes.append(EMULATION_NOTE)
-    table = "\n".join(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(table + "\n\n" + "\n\n".join(notes) + "\n")
-    plot_rewards({mode: read_metrics(r.out / "metrics.jsonl") for mode, r in results.items()}, out / "compare.png",
-                 title=f"two-stage vs bf16 at {budget:.1f} BF16-equivalent rollouts")  # fmt: skip
-    return Comparison(table, budget, results, out)
