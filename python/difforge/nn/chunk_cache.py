@@ -74,8 +74,8 @@ class DenseKVCache:
         self.k = k.clone() if self.k is None else torch.cat([self.k, k], 1)
         self.v = v.clone() if self.v is None else torch.cat([self.v, v], 1)
         if self.max_frames is not None and self.num_frames > self.max_frames:  # evict the oldest non-sink frames
-            sink, recent = self.sink_frames * self.tokens_per_frame, (self.max_frames - self.sink_frames)
-            keep = recent * self.tokens_per_frame
+            sink = self.sink_frames * self.tokens_per_frame
+            keep = (self.max_frames - self.sink_frames) * self.tokens_per_frame
             self.k = torch.cat([self.k[:, :sink], self.k[:, self.k.shape[1] - keep :]], 1)
             self.v = torch.cat([self.v[:, :sink], self.v[:, self.v.shape[1] - keep :]], 1)
 
