@@ -24,7 +24,7 @@ from difforge.nn.kvcache import SUPPORTED_BITS, QuantizedKVCache
 KV_BITS = (*SUPPORTED_BITS, 16)  # 16: the unquantized cache (model dtype), the reference the others are measured by
 
 
-def tokens_per_frame(layout, length: int, frames: int, device: torch.device) -> int:
+def frame_tokens_per_row(layout, length: int, frames: int, device: torch.device) -> int:
     """Tokens of one frame in each ``length``-token row of ``layout``, which must hold whole frames one after
     another: raises for a Skiparse layout whose sub-sequences are padded."""
     seqlens = layout.seqlens(device)
@@ -43,7 +43,7 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, *, frames: int, chun
     from difforge.nn.skiparse import attend
 
     length = q.shape[1]
-    per_chunk = tokens_per_frame(layout, length, frames, q.device) * chunk_frames
+    per_chunk = frame_tokens_per_row(layout, length, frames, q.device) * chunk_frames
     outs = [attend(q[:, start : start + per_chunk], k[:, : start + per_chunk], v[:, : start + per_chunk],
                    backend=layout.backend) for start in range(0, length, per_chunk)]  # fmt: skip
     return torch.cat(outs, 1)
@@ -153,7 +153,7 @@ class ChunkKVCache:
         """Attention of the current chunk (``[rows, L, heads, head_dim]`` in ``layout``) over the block's cache and
         itself; on a commit call the chunk's keys/values are appended afterwards."""
         rows, length, heads, head_dim = k.shape
-        per_frame = tokens_per_frame(layout, length, self._frames, k.device)
+        per_frame = frame_tokens_per_row(layout, length, self._frames, k.device)
         if self._cursor == len(self.caches):
             self.caches.append(self.spec.build(rows, heads, head_dim, per_frame, k.dtype, k.device, layout.backend))
         cache = self.caches[self._cursor]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from difforge.data.digits import split_digits
+from difforge.pipelines.device import synchronize
 from difforge.pipelines.discrete_train import load_discrete_model, masked_diffusion_loss
 
 NGRAMS = (2, 4)
@@ -131,11 +132,6 @@ def _load_scorer(cfg: DiscreteSampleConfig, model: nn.Module, device: torch.devi
     return scorer, state
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _report_row(samples: Tensor, scorer: nn.Module | None, cfg: DiscreteSampleConfig, **head: Any) -> dict[str, Any]:
     return {**head, "sequences": len(samples), **_nll_columns(scorer, samples, cfg), **sequence_metrics(samples)}
 
@@ -177,14 +173,14 @@ def sample_discrete(cfg: DiscreteSampleConfig) -> dict[str, Any]:
     runs = [(method, steps) for method in methods for steps in cfg.steps]
     rows = []
     for method, steps in _progress(runs, cfg.progress):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
             samples, nfe = sample(
                 model, shape=(cfg.num_samples, c.length), vocab_size=c.vocab_size, process=c.process, method=method,
                 steps=steps, schedule="linear", seed=cfg.seed, return_nfe=True, device=device, **cfg.method_options,
             )  # fmt: skip
-        _sync(device)
+        synchronize(device)
         wall = time.perf_counter() - start
         samples = samples.to(device=device, dtype=torch.int64)
         row = _report_row(samples, scorer, cfg, method=method, steps=steps, nfe=int(nfe), wall_s=wall)

@@ -34,7 +34,6 @@ Outputs in ``out``: ``config.json``, ``metrics.jsonl`` (iteration 0 = before tra
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor
 
 from difforge.pipelines import checkpoint as ckpt
+from difforge.pipelines.device import autocast, synchronize
 from difforge.pipelines.metrics import MetricsLog, plot_rewards, read_metrics
 from difforge.pipelines.video_model import load_video_model, prompts, quantize_for_rollouts
 from difforge.rl.grpo import clipped_objective, gaussian_kl, group_advantages, select_contrastive
@@ -190,19 +190,8 @@ def _derive_seed(*words: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(words).encode()).digest()[:8], "little") >> 1
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _native_fp4(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _repeat(items: list, times: int) -> list:
@@ -246,7 +235,7 @@ class _Run:
         self.eval_noise = torch.stack([candidate_noise(s, self.latent_shape, 1)[0] for s in seeds]).to(self.device)
 
     def autocast(self):
-        return _autocast(self.device, self.cfg.precision)
+        return autocast(self.device, self.cfg.precision)
 
     def evaluate(self) -> float:
         """Mean reward of the fixed evaluation batch, sampled with the Euler ODE by the current policy."""
@@ -276,7 +265,7 @@ class _Run:
             start = time.perf_counter()
             rollout = self.sample(context.repeat_interleave(cfg.group, 0), _repeat(conditions, cfg.group),
                                   [s for row in seeds for s in row])  # fmt: skip
-            _sync(self.device)
+            synchronize(self.device)
             rewards = rollout.rewards.view(cfg.prompts, cfg.group)
             return _Batch(rollout, rewards, 0.0, time.perf_counter() - start, 0, {})
 
@@ -292,7 +281,7 @@ class _Run:
         del explorer
         pool_rewards = self.reward(videos.float(), _repeat(conditions, cfg.pool)).view(cfg.prompts, cfg.pool).cpu()
         chosen = select_contrastive(pool_rewards, cfg.top_k, cfg.bottom_k)  # [P, k]
-        _sync(self.device)
+        synchronize(self.device)
         explore_s = time.perf_counter() - start
 
         # Stage 2: regenerate the chosen candidates in full precision from their seeds, and rescore them.
@@ -300,7 +289,7 @@ class _Run:
         k = cfg.top_k + cfg.bottom_k
         chosen_seeds = [seeds[p][n] for p, row in enumerate(chosen.tolist()) for n in row]
         rollout = self.sample(context.repeat_interleave(k, 0), _repeat(conditions, k), chosen_seeds)
-        _sync(self.device)
+        synchronize(self.device)
         rewards = rollout.rewards.view(cfg.prompts, k)
         gap = (pool_rewards.gather(1, chosen) - rewards.cpu()).abs().mean()
         stats = {"pool_reward": float(pool_rewards.mean()), "nvfp4_reward_gap": float(gap)}
@@ -376,7 +365,7 @@ def run_rl(cfg: RLConfig) -> RLResult:
     def evaluate() -> dict[str, float]:
         start = time.perf_counter()
         value = run.evaluate()
-        _sync(run.device)
+        synchronize(run.device)
         totals["eval_s"] += time.perf_counter() - start
         return {"eval_reward": value}
 
@@ -390,7 +379,7 @@ def run_rl(cfg: RLConfig) -> RLResult:
         start = time.perf_counter()
         advantages = group_advantages(batch.rewards).reshape(-1)
         update = run.update(batch.rollout, advantages, iteration)
-        _sync(run.device)
+        synchronize(run.device)
         update_s = time.perf_counter() - start
         totals["explore_s"] += batch.explore_s
         totals["rollout_s"] += batch.rollout_s

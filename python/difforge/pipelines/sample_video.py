@@ -20,6 +20,7 @@ from difforge.data.synthetic import to_rgb
 from difforge.nn.chunk_cache import KV_BITS, CacheSpec
 from difforge.ops.kvcache import JENSEN_MODES
 from difforge.pipelines import media
+from difforge.pipelines.device import synchronize
 from difforge.pipelines.video_model import PROMPT_SEED, WEIGHTS, load_video_model, prompts
 from difforge.samplers.continuous import SAMPLERS, VideoSample, sample_video
 
@@ -75,13 +76,11 @@ class SampleConfig:
         )  # fmt: skip
 
 
-def _timed(fn) -> tuple[VideoSample, float]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def _timed(fn, device: torch.device) -> tuple[VideoSample, float]:
+    synchronize(device)
     start = time.perf_counter()
     result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize(device)
     return result, time.perf_counter() - start
 
 
@@ -124,7 +123,7 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
 
     def draw(bits: int | None = None, jensen: str | None = None, net=model) -> tuple[VideoSample, float]:
         spec = cfg.cache_spec(bits, jensen, max_frames) if chunk is not None else None
-        return _timed(lambda: sample_video(net, noise, context, cache=spec, **common))
+        return _timed(lambda: sample_video(net, noise, context, cache=spec, **common), device)
 
     main, seconds = draw()
     out = Path(cfg.out) if cfg.out else Path(loaded.path).parent / "samples"

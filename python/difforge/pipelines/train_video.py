@@ -14,7 +14,6 @@ the same data and noise; the checkpoint holds model, EMA, optimizer and RNG stat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +32,7 @@ from difforge.data import AdaptiveLoadSampler, EqualTokenSampler, ShardDataset, 
 from difforge.models import VideoDiT, VideoDiTConfig, video_dit_config
 from difforge.pipelines import checkpoint as ckpt
 from difforge.pipelines import sharding
+from difforge.pipelines.device import autocast, synchronize
 from difforge.pipelines.ema import EMA
 from difforge.pipelines.flow_matching import logit_normal_timesteps, noisy_latents
 from difforge.pipelines.metrics import MetricsLog, plot_loss
@@ -252,7 +252,7 @@ def _calibrate_bucket_p(
         for _ in range(3):  # the first run warms up caches and thread pools
             start = time.perf_counter()
             model(latents, t, context).square().mean().backward()
-            _sync(procs.device)
+            synchronize(procs.device)
             runs.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
         seq.append(seq_len)
@@ -263,11 +263,6 @@ def _calibrate_bucket_p(
         dist.broadcast(p_tensor, src=0)
         p = float(p_tensor.item())
     return p
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---- one step ----
@@ -317,13 +312,6 @@ def flow_matching_loss(
 
         target = shard_sequence(target, ssp_group)
     return (pred.float() - target.float()).square().sum() / velocity.numel()
-
-
-def _autocast(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -413,11 +401,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                 plans = {epoch: sampler.batches(epoch)}
             latents, context = _collate(dataset, plans[epoch][index], procs.device)
             last = k == cfg.grad_accum - 1
-            with sharding.gradient_sync(predictor, last), _autocast(procs.device, cfg.precision):
+            with sharding.gradient_sync(predictor, last), autocast(procs.device, cfg.precision):
                 generator = micro_step_generator(cfg.seed, micro, procs.dp_rank)
                 forward_start = time.perf_counter()
                 loss = flow_matching_loss(predictor, model, latents, context, generator, cfg, procs.ssp_group)
-                _sync(procs.device)
+                synchronize(procs.device)
                 forward_s += time.perf_counter() - forward_start
             # DDP averages over all world ranks; an SSP group's ranks hold parts of one batch's loss.
             (loss * (procs.ssp / cfg.grad_accum)).backward()
@@ -429,7 +417,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         ema.update(model)
         step_loss, global_tokens, imbalance = _reduce_metrics(loss_sum / cfg.grad_accum, tokens, forward_s, procs)
         imbalances.append(imbalance)
-        _sync(procs.device)
+        synchronize(procs.device)
         elapsed = time.perf_counter() - start
         done = step + 1
         first_loss = step_loss if math.isnan(first_loss) else first_loss
